@@ -1,0 +1,29 @@
+"""Fine-tune a base GPT .nemo with a PEFT scheme, NeMo-style; `model.peft.peft_scheme=tiedlora` selects Tied-LoRA.
+
+    python examples/nlp/language_modeling/tuning/megatron_gpt_finetuning.py \
+        model.restore_from_path=base.nemo \
+        model.peft.peft_scheme=tiedlora model.peft.tiedlora_tuning.preset=tl6 model.peft.tiedlora_tuning.adapter_dim=8 \
+        model.data.train_ds.file_names=[train.jsonl] model.data.validation_ds.file_names=[val.jsonl] \
+        exp_manager.exp_dir=runs/tl6
+
+Only adapter weights are trained and saved: exp_manager writes the adapter .nemo under
+<exp_dir>/<name>/checkpoints at the end of training. Multi-GPU/multi-node: launch with torchrun or SLURM and set
+trainer.devices, trainer.num_nodes, model.tensor_model_parallel_size, model.pipeline_model_parallel_size.
+"""
+
+import torch.multiprocessing as mp
+from nemo.core.config import hydra_runner
+
+import nemo_tiedlora  # noqa: F401  (registers the `tiedlora` PEFT scheme)
+from nemo_tiedlora.nemo.finetune import finetune
+
+mp.set_start_method("spawn", force=True)
+
+
+@hydra_runner(config_path="conf", config_name="megatron_gpt_finetuning_config")
+def main(cfg) -> None:
+    finetune(cfg)
+
+
+if __name__ == "__main__":
+    main()

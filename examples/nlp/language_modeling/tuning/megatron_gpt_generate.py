@@ -1,0 +1,25 @@
+"""Generate / evaluate with a base GPT .nemo and a PEFT adapter .nemo (Tied-LoRA included), NeMo-style.
+
+    python examples/nlp/language_modeling/tuning/megatron_gpt_generate.py \
+        model.restore_from_path=base.nemo model.peft.restore_from_path=adapter.nemo \
+        model.data.test_ds.file_names=[test.jsonl] model.data.test_ds.names=[test] \
+        model.data.test_ds.tokens_to_generate=8 inference.greedy=True \
+        model.data.test_ds.write_predictions_to_file=True model.data.test_ds.output_file_path_prefix=preds
+"""
+
+import torch.multiprocessing as mp
+from nemo.core.config import hydra_runner
+
+import nemo_tiedlora  # noqa: F401  (registers the `tiedlora` PEFT scheme)
+from nemo_tiedlora.nemo.finetune import evaluate
+
+mp.set_start_method("spawn", force=True)
+
+
+@hydra_runner(config_path="conf", config_name="megatron_gpt_generate_config")
+def main(cfg) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

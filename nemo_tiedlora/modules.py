@@ -1,0 +1,136 @@
+"""The Tied-LoRA modules in plain torch: the model-wide shared factors and the per-layer factors.
+
+    z = W_l x + s * v_l * (B (u_l * (A x)))          (spec section 1; s = alpha / r)
+
+`SharedFactors` owns the tied A [r, d] and B [out, r] once per model replica. `LayerFactors` owns the per-layer
+u_l [r] and v_l [out] (and A_l, B_l when untied, i.e. plain LoRA) and only *refers* to the shared factors: the
+reference is kept outside torch's module registry, so A and B appear once in `parameters()` and `state_dict()`.
+
+Every adapter tensor is stored full-size (unsharded) on every rank. Under tensor parallelism a layer uses the rows
+of B and v that belong to its `linear_qkv` output partition (`out_rows`); the gradients of the other rows are zero
+there and are summed over the TP group (see `parallel.py`). Nothing here imports NeMo or Megatron.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nemo_tiedlora.config import TiedLoraConfig
+from nemo_tiedlora.functional import delta_weight, init_factors, tied_lora_update
+
+# The one place that lists every adapter parameter name (state-dict keys end in these).
+PARAM_NAMES: dict[str, str] = {"A": "lora_a", "B": "lora_b", "u": "vec_u", "v": "vec_v"}
+FACTOR_OF_PARAM: dict[str, str] = {name: factor for factor, name in PARAM_NAMES.items()}
+
+# Tags read by parallel.py (tag, don't match names): how a parameter is replicated across ranks.
+REPLICA_TAG = "tiedlora_replica"
+REPLICATED_MODEL_WIDE = "model"  # one logical tensor for the whole model: sum grads over TP, PP and VPP chunks
+REPLICATED_IN_LAYER = "layer"  # belongs to one layer: sum grads over TP only
+
+
+def _parameter(value: torch.Tensor, *, trainable: bool, replica: str) -> nn.Parameter:
+    param = nn.Parameter(value, requires_grad=trainable)
+    setattr(param, REPLICA_TAG, replica)
+    return param
+
+
+class SharedFactors(nn.Module):
+    """The tied A [r, d] and B [out, r] of a model: one replica per rank, identical everywhere."""
+
+    def __init__(self, cfg: TiedLoraConfig, *, in_features: int, out_features: int) -> None:
+        super().__init__()
+        if not cfg.flags.tied:
+            raise ValueError("SharedFactors needs a tied configuration (tied=True); untied A/B live in each layer")
+        self.cfg = cfg
+        init = init_factors(cfg, in_features=in_features, out_features=out_features, layer_index=None)
+        flags = cfg.flags
+        setattr(self, PARAM_NAMES["A"], _parameter(init["A"], trainable=flags.train_a, replica=REPLICATED_MODEL_WIDE))
+        setattr(self, PARAM_NAMES["B"], _parameter(init["B"], trainable=flags.train_b, replica=REPLICATED_MODEL_WIDE))
+
+    @property
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return getattr(self, PARAM_NAMES["A"]), getattr(self, PARAM_NAMES["B"])
+
+    def set_trainable(self) -> None:
+        """requires_grad from the config's flags (frozen random factors stay frozen)."""
+        a, b = self.factors
+        a.requires_grad_(self.cfg.flags.train_a)
+        b.requires_grad_(self.cfg.flags.train_b)
+
+
+class LayerFactors(nn.Module):
+    """The factors of one transformer layer: u_l [r], v_l [out], plus A_l, B_l when untied.
+
+    `layer_number` is the 1-based *global* layer number (megatron's `TransformerLayer.layer_number`), so the
+    initial values and checkpoint keys do not depend on how the layers are split over pipeline stages.
+    """
+
+    def __init__(
+        self,
+        cfg: TiedLoraConfig,
+        *,
+        in_features: int,
+        out_features: int,
+        layer_number: int,
+        shared: Optional[SharedFactors] = None,
+    ) -> None:
+        super().__init__()
+        flags = cfg.flags
+        if flags.tied and shared is None:
+            raise ValueError("a tied configuration needs the model's SharedFactors")
+        self.cfg = cfg
+        self.layer_number = layer_number
+        self.in_features = in_features
+        self.out_features = out_features
+        init = init_factors(cfg, in_features=in_features, out_features=out_features, layer_index=layer_number - 1)
+        setattr(self, PARAM_NAMES["u"], _parameter(init["u"], trainable=flags.train_u, replica=REPLICATED_IN_LAYER))
+        setattr(self, PARAM_NAMES["v"], _parameter(init["v"], trainable=flags.train_v, replica=REPLICATED_IN_LAYER))
+        if not flags.tied:
+            setattr(self, PARAM_NAMES["A"], _parameter(init["A"], trainable=flags.train_a, replica=REPLICATED_IN_LAYER))
+            setattr(self, PARAM_NAMES["B"], _parameter(init["B"], trainable=flags.train_b, replica=REPLICATED_IN_LAYER))
+        # A plain attribute holding a tuple is invisible to nn.Module's registry: the shared A and B stay owned by
+        # the model (one tensor, one state-dict key) although every layer uses them.
+        self._shared_ref: tuple[SharedFactors, ...] = (shared,) if flags.tied else ()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def bind_shared(self, shared: SharedFactors) -> None:
+        """Point this layer at (another replica of) the model's shared factors."""
+        if not self.cfg.flags.tied:
+            raise ValueError("an untied layer has its own A and B")
+        self._shared_ref = (shared,)
+
+    @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A [r, d], B [out, r], u [r], v [out]) as used by this layer, full size."""
+        if self.cfg.flags.tied:
+            a, b = self._shared_ref[0].factors
+        else:
+            a, b = getattr(self, PARAM_NAMES["A"]), getattr(self, PARAM_NAMES["B"])
+        return a, b, getattr(self, PARAM_NAMES["u"]), getattr(self, PARAM_NAMES["v"])
+
+    def set_trainable(self) -> None:
+        """requires_grad of this layer's own tensors from the config's flags."""
+        flags = self.cfg.flags
+        getattr(self, PARAM_NAMES["u"]).requires_grad_(flags.train_u)
+        getattr(self, PARAM_NAMES["v"]).requires_grad_(flags.train_v)
+        if not flags.tied:
+            getattr(self, PARAM_NAMES["A"]).requires_grad_(flags.train_a)
+            getattr(self, PARAM_NAMES["B"]).requires_grad_(flags.train_b)
+
+    def forward(self, x: torch.Tensor, out_rows: Optional[slice] = None) -> torch.Tensor:
+        """The update for input x [..., d]: s * v * (B (u * (A x))) [..., out], or its `out_rows` partition."""
+        a, b, u, v = self.factors
+        if out_rows is not None:
+            b, v = b[out_rows], v[out_rows]  # this rank's linear_qkv output partition (whole query groups)
+        return tied_lora_update(self.dropout(x), a, b, u, v, self.cfg.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * diag(v) B diag(u) A  [out, d]: what merging adds to W_l."""
+        a, b, u, v = self.factors
+        return delta_weight(a, b, u, v, self.cfg.scale)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_number}, in={self.in_features}, out={self.out_features}, r={self.cfg.rank}"

@@ -1,0 +1,201 @@
+"""The tied-adapter mixins: Tied-LoRA presented to NeMo's adapter machinery (spec section 8).
+
+NeMo finds adapters through `AdapterModuleMixin` modules (`add_adapter` by name, `get_adapter_module`,
+`unfreeze_enabled_adapters`, tensors under `adapter_layer.<name>.` keys). Two such modules carry Tied-LoRA:
+
+- `TiedLoraQKV` wraps megatron's `linear_qkv` in each selected layer (wrap, don't swap: no `__class__` assignment,
+  no copied upstream `forward`). It returns `(out, bias)` like the module it wraps, with the update added.
+  Its adapter is a `TiedLoraLayerAdapter` holding u_l, v_l (and A_l, B_l when untied).
+- `TiedLoraShared` is attached once to each model chunk (`GPTModel.tiedlora_shared`) and holds the tied A and B as
+  its adapter `TiedLoraSharedAdapter`. NeMo's optimizer setup and PEFT state dict therefore see A and B exactly
+  once, although every layer uses them (NeMo assumes one tensor per layer elsewhere, e.g. in `tie_weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from nemo.collections.common.parts.adapter_modules import AdapterModuleUtil
+from nemo.core.classes.mixins.adapter_mixins import AdapterModuleMixin
+from torch import nn
+
+from nemo_tiedlora.config import TiedLoraConfig
+from nemo_tiedlora.modules import LayerFactors, SharedFactors
+
+ADAPTER_NAME = "tiedlora"
+
+
+@dataclass
+class TiedLoraAdapterConfig:
+    """What NeMo's `add_adapter` instantiates in each wrapped `linear_qkv` (a hydra `_target_` config)."""
+
+    in_features: int
+    out_features: int
+    tiedlora: dict = field(default_factory=dict)  # TiedLoraConfig.to_dict()
+    _target_: str = "nemo_tiedlora.nemo.adapters.TiedLoraLayerAdapter"
+
+
+@dataclass
+class TiedLoraSharedAdapterConfig:
+    """The model-wide A and B, instantiated once per model chunk."""
+
+    in_features: int
+    out_features: int
+    tiedlora: dict = field(default_factory=dict)
+    _target_: str = "nemo_tiedlora.nemo.adapters.TiedLoraSharedAdapter"
+
+
+def _config(tiedlora: Any) -> TiedLoraConfig:
+    if isinstance(tiedlora, TiedLoraConfig):
+        return tiedlora
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(tiedlora):
+        tiedlora = OmegaConf.to_container(tiedlora, resolve=True)
+    return TiedLoraConfig.from_dict(tiedlora)
+
+
+class TiedLoraSharedAdapter(SharedFactors, AdapterModuleUtil):
+    """SharedFactors as a NeMo adapter module; `adapter_unfreeze` keeps frozen random factors frozen."""
+
+    def __init__(self, *, in_features: int, out_features: int, tiedlora: Any, **_nemo_kwargs: Any) -> None:
+        super().__init__(_config(tiedlora), in_features=in_features, out_features=out_features)
+
+    def adapter_unfreeze(self) -> None:
+        self.set_trainable()
+
+
+class TiedLoraLayerAdapter(LayerFactors, AdapterModuleUtil):
+    """LayerFactors as a NeMo adapter module. NeMo passes `base_model_cfg` and `model_parallel_config`."""
+
+    def __init__(
+        self, *, in_features: int, out_features: int, tiedlora: Any, layer_number: int, **_nemo_kwargs: Any
+    ) -> None:
+        cfg = _config(tiedlora)
+        # The shared factors are bound right after instantiation by TiedLoraQKV.add_adapter (hydra cannot pass
+        # a module through its config), so a tied layer starts with a placeholder reference.
+        super().__init__(
+            cfg,
+            in_features=in_features,
+            out_features=out_features,
+            layer_number=layer_number,
+            shared=_UNBOUND if cfg.flags.tied else None,
+        )
+
+    def adapter_unfreeze(self) -> None:
+        self.set_trainable()
+
+
+class _Unbound(nn.Module):
+    @property
+    def factors(self):
+        raise RuntimeError("TiedLoraLayerAdapter used before TiedLoraQKV bound the model's shared A and B")
+
+
+_UNBOUND = _Unbound()
+
+
+class TiedLoraShared(nn.Module, AdapterModuleMixin):
+    """Owner of the model-wide A and B on one model chunk (registered as `GPTModel.tiedlora_shared`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_accepted_adapter_types([TiedLoraSharedAdapter])
+
+    def ensure_adapter(self, name: str, cfg: TiedLoraSharedAdapterConfig, **kwargs: Any) -> TiedLoraSharedAdapter:
+        if self.get_adapter_module(name) is None:
+            self.add_adapter(name=name, cfg=cfg, **kwargs)
+        return self.get_adapter_module(name)
+
+    def forward(self, *args: Any, **kwargs: Any):  # pragma: no cover - it only owns tensors
+        raise RuntimeError("TiedLoraShared owns the shared A and B; the layers' TiedLoraQKV apply them")
+
+
+class TiedLoraQKV(nn.Module, AdapterModuleMixin):
+    """`linear_qkv` with the Tied-LoRA update added: returns `(out + update, bias)` like the wrapped module.
+
+    Input handling per layer spec (spec section 4):
+    - local spec (CPU, and GPU without TransformerEngine): `linear_qkv` is a ColumnParallelLinear whose input is
+      already normalized; the adapter reads the same input.
+    - TransformerEngine spec: `linear_qkv` fuses the input layernorm (TELayerNormColumnParallelLinear). The wrapper
+      asks it to also return the normalized input (and, with sequence parallelism, to return it gathered) and
+      feeds that to the adapter.
+    - Sequence parallelism without a TE-gathered input: the adapter gathers the input along the sequence once
+      (backward: reduce-scatter). Tensor parallelism: the input is the same on every TP rank, so it enters the
+      adapter through `copy_to_tensor_model_parallel_region` (backward: all-reduce of the partial input grads).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        layer_number: int,
+        shared_owner: Optional[TiedLoraShared],
+        out_rows: Optional[slice],
+        tensor_parallel_size: int,
+        sequence_parallel: bool,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.layer_number = layer_number
+        self.out_rows = out_rows
+        self.tensor_parallel_size = tensor_parallel_size
+        self.sequence_parallel = sequence_parallel
+        # Kept out of the module registry: the owner is registered once on the model chunk.
+        self._owner_ref: tuple[TiedLoraShared, ...] = (shared_owner,) if shared_owner is not None else ()
+        self.te_fused_norm = hasattr(base, "return_layernorm_output")
+        self.te_gathers_norm = False
+        if self.te_fused_norm:
+            base.return_layernorm_output = True
+            if sequence_parallel and hasattr(base, "return_layernorm_output_gathered") and not getattr(
+                base, "ub_overlap_ag", False
+            ):
+                base.return_layernorm_output_gathered = True
+                self.te_gathers_norm = True
+        self.set_accepted_adapter_types([TiedLoraLayerAdapter])
+
+    def __getattr__(self, name: str):
+        # Attributes megatron reads off `linear_qkv` (weight, config, ...) resolve to the wrapped module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base"), name)
+
+    def add_adapter(self, name: str, cfg: Any, **kwargs: Any) -> None:
+        """NeMo's add_adapter, plus this layer's global number and the binding to the shared A and B."""
+        tied = _config(cfg.tiedlora).flags.tied
+        if tied:
+            shared_cfg = TiedLoraSharedAdapterConfig(
+                in_features=cfg.in_features, out_features=cfg.out_features, tiedlora=cfg.tiedlora
+            )
+            shared = self._owner_ref[0].ensure_adapter(name, shared_cfg, **kwargs)
+        super().add_adapter(name=name, cfg=cfg, layer_number=self.layer_number, **kwargs)
+        if tied:
+            self.get_adapter_module(name).bind_shared(shared)
+
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
+
+        if self.sequence_parallel and not self.te_gathers_norm:
+            return gather_from_sequence_parallel_region(x)  # [s/tp, b, d] -> [s, b, d], once
+        if self.tensor_parallel_size > 1:
+            return copy_to_tensor_model_parallel_region(x)
+        return x
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        result, bias = self.base(hidden_states, *args, **kwargs)
+        if self.te_fused_norm:
+            out, normalized = result  # TE returns (linear output, layernorm output)
+        else:
+            out, normalized = result, hidden_states
+        enabled = self.get_enabled_adapters() if self.is_adapter_available() else []
+        for name in enabled:
+            adapter = self.adapter_layer[name]
+            # [s, b, d] -> [s, b, out/tp]: this rank's rows of the fused, group-interleaved QKV output
+            out = out + adapter(self._adapter_input(normalized), self.out_rows)
+        return out, bias

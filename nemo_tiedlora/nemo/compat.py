@@ -1,0 +1,387 @@
+"""Compatibility fixes for nemo_toolkit 2.4.1 + megatron-core 0.13.1 outside NVIDIA's containers.
+
+This is the one place that patches upstream code at run time (site-packages are never edited). Every fix is a
+`Fix` in `FIXES` naming the upstream defect it covers, the scope in which the defect exists, and a `needed()`
+test, so a fix is applied only where its defect is present:
+
+- ``environment``: NeMo's 1.x NLP collection outside NVIDIA's PyTorch container (no apex, no TransformerEngine,
+  no ``NVIDIA_PYTORCH_VERSION``). Applies on CPU and GPU machines alike; inside the container none is needed.
+- ``mcore``: NeMo 2.4.1 against megatron-core 0.13 (both on GPU and CPU).
+- ``cpu``: CUDA-only calls in NeMo and megatron-core on a machine without a CUDA device. ``needed()`` is false
+  wherever ``torch.cuda.is_available()``, so the GPU path stays untouched by CPU-only fixes.
+
+``apply()`` is idempotent and returns the fixes in force; ``python -m nemo_tiedlora compat`` prints the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_APPLIED: dict[str, "Fix"] = {}
+
+
+@dataclass(frozen=True)
+class Fix:
+    """One run-time fix for one upstream defect."""
+
+    name: str
+    scope: str  # "environment" | "mcore" | "cpu"
+    defect: str  # the upstream defect, with the file it lives in
+    needed: Callable[[], bool]
+    patch: Callable[[], None]
+
+
+def _no_cuda() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _have_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# environment: outside NVIDIA's container
+# ----------------------------------------------------------------------------------------------------------------
+def _nvidia_version_env() -> None:
+    os.environ["NVIDIA_PYTORCH_VERSION"] = "25.07"
+
+
+def _apex_gate() -> None:
+    import nemo.collections.nlp.parts.nlp_overrides as nlo
+
+    nlo.HAVE_APEX = True
+
+
+def _apex_only_names() -> None:
+    import nemo.collections.nlp.modules.common.megatron.build_model as build_model
+    import nemo.collections.nlp.modules.common.megatron.utils as mutils
+    from megatron.core.tensor_parallel.layers import set_defaults_if_not_set_tensor_model_parallel_attributes
+
+    if not hasattr(build_model, "set_defaults_if_not_set_tensor_model_parallel_attributes"):
+        build_model.set_defaults_if_not_set_tensor_model_parallel_attributes = (
+            set_defaults_if_not_set_tensor_model_parallel_attributes
+        )
+    if not hasattr(mutils, "listify_model"):
+        mutils.listify_model = lambda model: model if isinstance(model, list) else [model]
+    for name, norm in (
+        ("FusedLayerNorm", torch.nn.LayerNorm),
+        ("FastLayerNorm", torch.nn.LayerNorm),
+        ("MixedFusedRMSNorm", torch.nn.RMSNorm),
+    ):
+        if not hasattr(mutils, name):
+            setattr(mutils, name, norm)
+
+
+def _apex_names_missing() -> bool:
+    import nemo.collections.nlp.modules.common.megatron.utils as mutils
+
+    return not hasattr(mutils, "listify_model")
+
+
+def _torch_multi_tensor_l2norm() -> None:
+    import nemo.collections.nlp.modules.common.megatron.clip_grads as clip_grads
+
+    def multi_tensor_applier(op, overflow_buf, tensor_lists, per_tensor):  # apex signature, l2norm only
+        norms = [torch.linalg.vector_norm(t.float()) for t in tensor_lists[0]]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float32)
+        return total, None
+
+    clip_grads.multi_tensor_applier = multi_tensor_applier
+    clip_grads.amp_C = types.SimpleNamespace(multi_tensor_l2norm="l2norm")
+
+
+def _clip_grads_lacks_apex() -> bool:
+    import nemo.collections.nlp.modules.common.megatron.clip_grads as clip_grads
+
+    return not hasattr(clip_grads, "multi_tensor_applier")
+
+
+def _te_free_specs() -> None:
+    import nemo.collections.nlp.models.language_modeling.megatron_gpt_model as gpt_model
+
+    original = gpt_model.get_specs
+    if getattr(original, "_nemo_tiedlora_fix", False):
+        return
+
+    def get_specs(spec_name, transformer_config=None, use_te=True, hyena_cfg=None, fp8=False):
+        if spec_name == "" and not use_te:
+            num_experts = transformer_config.num_moe_experts if transformer_config else None
+            grouped = transformer_config.moe_grouped_gemm if transformer_config else False
+            return gpt_model.get_gpt_layer_local_spec(num_experts, grouped)
+        return original(spec_name, transformer_config, use_te, hyena_cfg, fp8)
+
+    get_specs._nemo_tiedlora_fix = True
+    gpt_model.get_specs = get_specs
+
+
+def _te_missing() -> bool:
+    return not _have_module("transformer_engine")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mcore: NeMo 2.4.1 vs megatron-core 0.13
+# ----------------------------------------------------------------------------------------------------------------
+def _real_process_groups() -> None:
+    import nemo.collections.nlp.models.language_modeling.megatron_base_model as base_model
+
+    original = base_model.initialize_model_parallel_for_nemo
+    if getattr(original, "_nemo_tiedlora_fix", False):
+        return
+
+    def initialize_model_parallel_for_nemo(*args, **kwargs):
+        original(*args, **kwargs)
+        ensure_process_groups(
+            world_size=kwargs["world_size"],
+            global_rank=kwargs["global_rank"],
+            tensor_model_parallel_size=kwargs.get("tensor_model_parallel_size", 1),
+            pipeline_model_parallel_size=kwargs.get("pipeline_model_parallel_size", 1),
+            virtual_pipeline_model_parallel_size=kwargs.get("virtual_pipeline_model_parallel_size"),
+            context_parallel_size=kwargs.get("context_parallel_size", 1),
+            seed=kwargs.get("seed", 1234),
+        )
+
+    initialize_model_parallel_for_nemo._nemo_tiedlora_fix = True
+    base_model.initialize_model_parallel_for_nemo = initialize_model_parallel_for_nemo
+
+
+def ensure_process_groups(
+    *,
+    world_size: int,
+    global_rank: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+) -> None:
+    """Create the real torch.distributed and megatron-core groups before NeMo builds the model.
+
+    megatron-core 0.13 modules read their process groups at construction, while NeMo 1.x only *fakes* the
+    model-parallel init there and creates the groups later in ``NLPDDPStrategy.setup_distributed`` (which skips
+    them when they already exist). Launch multi-process runs with torchrun (or SLURM), so every rank exists now.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port()) if world_size == 1 else "29500"
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, rank=global_rank, world_size=world_size)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+        )
+        model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cpu: CUDA-only calls on a machine without CUDA
+# ----------------------------------------------------------------------------------------------------------------
+def _cpu_device() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    for name in ("LongTensor", "FloatTensor", "IntTensor", "HalfTensor", "BFloat16Tensor", "ByteTensor", "BoolTensor"):
+        setattr(torch.cuda, name, getattr(torch, name))
+
+
+def _cpu_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: None
+    torch.cuda.manual_seed_all = lambda seed: None
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+
+
+class _CudaLiteralsToCpu(types.ModuleType):
+    """Stands in for ``torch`` inside one upstream module: factory calls with device="cuda" get the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange", "zeros_like", "ones_like", "empty_like")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        value = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return value
+
+        def factory(*args, **kwargs):
+            device = kwargs.get("device")
+            if (isinstance(device, str) and device.startswith("cuda")) or (
+                isinstance(device, torch.device) and device.type == "cuda"
+            ):
+                kwargs["device"] = "cpu"
+            return value(*args, **kwargs)
+
+        return factory
+
+
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",  # forward_backward_*: torch.zeros([], device="cuda")
+    "megatron.core.transformer.utils",  # get_default_causal_mask: torch.ones(sq, sq, device="cuda")
+    "megatron.core.tensor_parallel.data",  # broadcast_data: torch.empty(..., device="cuda")
+    "megatron.core.optimizer.clip_grads",  # get_grad_norm_fp32: torch.tensor(..., device="cuda")
+    "megatron.core.optimizer.optimizer",  # found-inf buffers: torch.tensor(..., device="cuda")
+    "megatron.core.utils",  # device-side helpers: torch.tensor(..., device="cuda")
+    "nemo.collections.nlp.modules.common.megatron.clip_grads",  # clip_grad_norm_fp32: torch.zeros(1, device="cuda")
+)
+
+
+def _cpu_device_literals() -> None:
+    import importlib
+
+    for name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(module.torch, _CudaLiteralsToCpu):
+            module.torch = _CudaLiteralsToCpu()
+
+
+def _cpu_cp_stream() -> None:
+    from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
+
+    MegatronBaseModel.setup_transformer_engine_cp_groups = lambda self: None
+
+
+FIXES: tuple[Fix, ...] = (
+    Fix(
+        "nvidia-pytorch-version",
+        "environment",
+        "megatron_base_model.py MegatronBaseModel._enable_nvidia_optimizations: re.fullmatch(None) TypeError when "
+        "NVIDIA_PYTORCH_VERSION is unset (it is set only inside NVIDIA's containers)",
+        lambda: "NVIDIA_PYTORCH_VERSION" not in os.environ,
+        _nvidia_version_env,
+    ),
+    Fix(
+        "apex-gate",
+        "environment",
+        "nlp_overrides.py NLPDDPStrategy.__init__ / NLPSaveRestoreConnector raise ImportError('Apex was not found') "
+        "although the mcore GPT path uses no apex code",
+        lambda: not _have_module("apex.transformer"),
+        _apex_gate,
+    ),
+    Fix(
+        "apex-only-names",
+        "environment",
+        "build_model.py uses set_defaults_if_not_set_tensor_model_parallel_attributes and megatron/utils.py uses "
+        "listify_model, FusedLayerNorm, FastLayerNorm, MixedFusedRMSNorm, all imported only from apex: NameError",
+        _apex_names_missing,
+        _apex_only_names,
+    ),
+    Fix(
+        "apex-free-grad-norm",
+        "environment",
+        "megatron/clip_grads.py clip_grad_norm_fp32 (gradient_clip_val > 0) calls apex's multi_tensor_applier and "
+        "amp_C.multi_tensor_l2norm unguarded: NameError without apex",
+        _clip_grads_lacks_apex,
+        _torch_multi_tensor_l2norm,
+    ),
+    Fix(
+        "te-free-specs",
+        "environment",
+        "megatron_gpt_model.py get_specs builds every spec eagerly, TransformerEngine's too: NameError "
+        "TESpecProvider without TransformerEngine even when transformer_engine=False",
+        _te_missing,
+        _te_free_specs,
+    ),
+    Fix(
+        "real-process-groups",
+        "mcore",
+        "megatron_base_model.py builds the model after megatron_init.fake_initialize_model_parallel, but "
+        "megatron-core 0.13 modules need real process groups at construction (ModelCommProcessGroups)",
+        lambda: True,
+        _real_process_groups,
+    ),
+    Fix(
+        "cpu-device",
+        "cpu",
+        "torch.cuda.current_device(), Tensor.cuda(), Module.cuda(), torch.cuda.LongTensor & co, synchronize and "
+        "empty_cache called unconditionally in NeMo (megatron_gpt_model.py, text_generation_*.py, dataset_utils) "
+        "and megatron-core (rotary_pos_embedding.py, transformer_layer.py)",
+        _no_cuda,
+        _cpu_device,
+    ),
+    Fix(
+        "cpu-rng",
+        "cpu",
+        "megatron/core/tensor_parallel/random.py CudaRNGStatesTracker reads and writes the CUDA RNG state",
+        _no_cuda,
+        _cpu_rng,
+    ),
+    Fix(
+        "cpu-device-literals",
+        "cpu",
+        "device='cuda' literals in factory calls: megatron-core schedules.py (total_num_tokens), "
+        "transformer/utils.py (get_default_causal_mask), tensor_parallel/data.py, optimizer/clip_grads.py, "
+        "optimizer/optimizer.py, utils.py; NeMo megatron/clip_grads.py",
+        _no_cuda,
+        _cpu_device_literals,
+    ),
+    Fix(
+        "cpu-cp-stream",
+        "cpu",
+        "megatron_base_model.py setup_transformer_engine_cp_groups creates torch.cuda.Stream() in setup()",
+        _no_cuda,
+        _cpu_cp_stream,
+    ),
+)
+
+
+def apply() -> list[Fix]:
+    """Apply every fix whose defect is present here (idempotent); return the fixes in force."""
+    for fix in FIXES:
+        if fix.name in _APPLIED:
+            continue
+        if fix.needed():
+            fix.patch()
+            _APPLIED[fix.name] = fix
+            logger.debug("nemo_tiedlora compat: applied %s (%s)", fix.name, fix.defect)
+    return list(_APPLIED.values())
+
+
+def applied() -> list[Fix]:
+    """The fixes applied in this process so far."""
+    return list(_APPLIED.values())
+
+
+def describe() -> str:
+    """A plain-text table of every fix: name, scope, whether it is applied here, and the defect it covers."""
+    lines = [f"{'fix':<24} {'scope':<12} {'here':<8} upstream defect"]
+    for fix in FIXES:
+        state = "applied" if fix.name in _APPLIED else "-"
+        lines.append(f"{fix.name:<24} {fix.scope:<12} {state:<8} {fix.defect}")
+    return "\n".join(lines)

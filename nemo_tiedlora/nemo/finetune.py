@@ -1,0 +1,100 @@
+"""What NeMo's tuning scripts do, for any PEFT scheme (tiedlora included): the scripts only call these.
+
+`finetune(cfg)`: trainer -> exp_manager -> restore the base .nemo -> add (or load) adapters -> fit -> adapter .nemo.
+`evaluate(cfg)`: restore the base -> load the adapter .nemo -> generate on the test set (trainer.test).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+logger = logging.getLogger("nemo_tiedlora")
+
+
+def _prepare(cfg: DictConfig) -> None:
+    """Fixes and registration first; then settings a CPU run needs (NeMo's defaults assume CUDA + apex)."""
+    from nemo_tiedlora.nemo import setup
+
+    setup()
+    if cfg.trainer.get("accelerator") != "cpu":
+        return
+    with open_dict(cfg):
+        cfg.trainer.precision = 32  # no mixed precision on CPU
+        cfg.model.use_cpu_initialization = True
+        if cfg.model.get("optim") is not None and cfg.model.optim.get("name") == "fused_adam":
+            cfg.model.optim.name = "adam"  # fused_adam is apex/CUDA only
+        for split in ("train_ds", "validation_ds", "test_ds"):
+            ds = cfg.model.get("data", {}).get(split)
+            if ds is not None:
+                ds.pin_memory = False
+
+
+def _build_trainer(cfg: DictConfig, callbacks: Optional[list] = None):
+    from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronLMPPTrainerBuilder
+
+    return MegatronLMPPTrainerBuilder(cfg).create_trainer(callbacks=callbacks)
+
+
+def _peft_config_class(scheme: str):
+    from nemo.collections.nlp.parts.peft_config import PEFT_CONFIG_MAP
+
+    if scheme not in PEFT_CONFIG_MAP:
+        from nemo_tiedlora.errors import TiedLoraConfigError
+
+        known = sorted(str(k) for k in PEFT_CONFIG_MAP if k is not None)
+        raise TiedLoraConfigError(f"unknown model.peft.peft_scheme={scheme!r}: choose one of {known}")
+    return PEFT_CONFIG_MAP[scheme]
+
+
+def finetune(cfg: DictConfig, *, callbacks: Optional[list] = None) -> Optional[Path]:
+    """Run NeMo PEFT fine-tuning from a hydra config; return the adapter .nemo written at the end (rank 0)."""
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
+    from nemo.utils.exp_manager import exp_manager
+
+    _prepare(cfg)
+    trainer = _build_trainer(cfg, callbacks)
+    log_dir = exp_manager(trainer, cfg.exp_manager)
+    model_cfg = MegatronGPTSFTModel.merge_cfg_with(cfg.model.restore_from_path, cfg)
+    peft_cls = _peft_config_class(cfg.model.peft.peft_scheme)
+    # Validate the PEFT config before the (slow) restore: bad input fails in seconds, not minutes.
+    peft_cfg = peft_cls(model_cfg) if peft_cls is not None else None
+    model = MegatronGPTSFTModel.restore_from(cfg.model.restore_from_path, model_cfg, trainer=trainer)
+    if cfg.model.peft.get("restore_from_path"):
+        model.load_adapters(cfg.model.peft.restore_from_path, peft_cfg)
+    elif peft_cfg is not None:
+        model.add_adapter(peft_cfg)
+    trainer.fit(model)
+    return _final_nemo(log_dir, cfg)
+
+
+def _final_nemo(log_dir: Any, cfg: DictConfig) -> Optional[Path]:
+    """The .nemo exp_manager saves at the end of training (save_nemo_on_train_end), if any."""
+    if log_dir is None:
+        return None
+    checkpoints = Path(log_dir) / "checkpoints"
+    candidates = sorted(checkpoints.glob("*.nemo"), key=os.path.getmtime) if checkpoints.is_dir() else []
+    return candidates[-1] if candidates else None
+
+
+def evaluate(cfg: DictConfig) -> Any:
+    """Generate with a base .nemo (+ adapter .nemo) on model.data.test_ds, as NeMo's megatron_gpt_generate.py."""
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
+
+    _prepare(cfg)
+    trainer = _build_trainer(cfg)
+    adapter = cfg.model.peft.get("restore_from_path")
+    model_cfg = MegatronGPTSFTModel.merge_inference_cfg(adapter or cfg.model.restore_from_path, cfg)
+    model = MegatronGPTSFTModel.restore_from(cfg.model.restore_from_path, model_cfg, trainer=trainer)
+    if adapter:
+        model.load_adapters(adapter)
+    model.freeze()
+    with open_dict(cfg):
+        if not cfg.model.get("use_flash_attention", False):
+            cfg.inference.compute_attention_mask = True
+    model.set_inference_config(OmegaConf.to_container(cfg.inference, resolve=True))
+    return trainer.test(model)

@@ -1,0 +1,175 @@
+"""The `tiedlora` PEFT scheme in NeMo 1.x: config class, registration, and the hook that wraps `linear_qkv`.
+
+NeMo's scripts do ``model.add_adapter(PEFT_CONFIG_MAP[scheme](model_cfg))`` to train and
+``model.load_adapters(path, peft_cfg)`` to restore. `register()` puts `TiedLoraPEFTConfig` in that map and adds
+one step in front of `NLPAdapterModelMixin.add_adapter`: for a Tied-LoRA config it wraps `linear_qkv` of every
+selected layer in a `TiedLoraQKV` and attaches a `TiedLoraShared` owner to each model chunk, *before* NeMo
+records the base keys. NeMo's own loop then adds the adapters to those wrappers (they are `AdapterModuleMixin`s),
+and NeMo's freezing, optimizer groups, PEFT state dict, saving, loading and generation run unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+from nemo.collections.nlp.parts import peft_config as nemo_peft_config
+from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
+from nemo.collections.nlp.parts.peft_config import PEFT_CONFIG_MAP, PEFTConfig
+from omegaconf import OmegaConf
+
+from nemo_tiedlora.config import TiedLoraConfig
+from nemo_tiedlora.errors import TiedLoraConfigError
+from nemo_tiedlora.functional import qkv_out_width
+from nemo_tiedlora.nemo.adapters import ADAPTER_NAME, TiedLoraAdapterConfig, TiedLoraQKV, TiedLoraShared
+
+logger = logging.getLogger("nemo_tiedlora")
+
+SCHEME = "tiedlora"
+TUNING_KEY = "tiedlora_tuning"
+SHARED_ATTR = "tiedlora_shared"
+
+
+def model_shape(model_cfg: Any) -> dict[str, int]:
+    """hidden size, layers, heads, query groups, head dim and fused-QKV width of a NeMo GPT model config."""
+    heads = int(model_cfg.num_attention_heads)
+    groups = model_cfg.get("num_query_groups", None) or heads
+    kv_channels = model_cfg.get("kv_channels", None)
+    hidden = int(model_cfg.hidden_size)
+    out = qkv_out_width(hidden, heads, int(groups), kv_channels)
+    return {
+        "hidden_size": hidden,
+        "num_layers": int(model_cfg.num_layers),
+        "num_attention_heads": heads,
+        "num_query_groups": int(groups),
+        "kv_channels": int(kv_channels) if kv_channels else hidden // heads,
+        "out_features": out,
+    }
+
+
+class TiedLoraPEFTConfig(PEFTConfig):
+    """`model.peft.peft_scheme=tiedlora`, configured by `model.peft.tiedlora_tuning` (validated once, here)."""
+
+    def __init__(self, cfg: Any) -> None:
+        peft = cfg.get("peft", None)
+        tuning = peft.get(TUNING_KEY, None) if peft is not None else None
+        if tuning is None:
+            raise TiedLoraConfigError(
+                f"model.peft.{TUNING_KEY} is missing: add the section (see conf/tiedlora_tuning.yaml) or "
+                f"override e.g. +model.peft.{TUNING_KEY}.preset=tl6"
+            )
+        self.tiedlora = TiedLoraConfig.from_nemo(tuning)
+        self.shape = model_shape(cfg)
+        self.tiedlora.validate_for_model(
+            hidden_size=self.shape["hidden_size"],
+            num_layers=self.shape["num_layers"],
+            out_features=self.shape["out_features"],
+        )
+        self.tensor_parallel_size = int(cfg.get("tensor_model_parallel_size", 1))
+        self.sequence_parallel = bool(cfg.get("sequence_parallel", False))
+        adapter_cfg = TiedLoraAdapterConfig(
+            in_features=self.shape["hidden_size"],
+            out_features=self.shape["out_features"],
+            tiedlora=self.tiedlora.to_dict(),
+        )
+        # No mcore mixin: the wrapped linear_qkv is itself the AdapterModuleMixin NeMo adds the adapter to.
+        self.name_key_to_mcore_mixins = None
+        layer_selection = list(self.tiedlora.layer_selection) if self.tiedlora.layer_selection else None
+        super().__init__(
+            OmegaConf.create({"layer_selection": layer_selection, "weight_tying": False}),
+            name_key_to_cfg={ADAPTER_NAME: adapter_cfg},
+        )
+
+
+def _model_chunks(model: NLPAdapterModelMixin) -> list[torch.nn.Module]:
+    """The megatron GPTModel of every chunk on this rank (unwrapping the O2 Float16Module)."""
+    chunks = model.model if isinstance(model.model, list) else [model.model]
+    return [chunk.module if model.cfg.get("megatron_amp_O2", False) else chunk for chunk in chunks]
+
+
+def _out_rows(out_features: int, tensor_parallel_size: int) -> slice | None:
+    if tensor_parallel_size == 1:
+        return None
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    width = out_features // tensor_parallel_size
+    return slice(rank * width, (rank + 1) * width)
+
+
+def attach(model: NLPAdapterModelMixin, peft_cfg: TiedLoraPEFTConfig) -> int:
+    """Wrap `linear_qkv` of the selected layers and attach the shared owner; return the number of wrappers."""
+    selection = set(peft_cfg.tiedlora.layer_selection or range(1, peft_cfg.shape["num_layers"] + 1))
+    tied = peft_cfg.tiedlora.flags.tied
+    wrapped = 0
+    for chunk in _model_chunks(model):
+        owner = None
+        if tied:
+            owner = getattr(chunk, SHARED_ATTR, None)
+            if owner is None:
+                owner = TiedLoraShared()
+                setattr(chunk, SHARED_ATTR, owner)
+        for layer in chunk.decoder.layers:
+            attention = layer.self_attention
+            if layer.layer_number not in selection or isinstance(attention.linear_qkv, TiedLoraQKV):
+                continue
+            attention.linear_qkv = TiedLoraQKV(
+                attention.linear_qkv,
+                layer_number=layer.layer_number,
+                shared_owner=owner,
+                out_rows=_out_rows(peft_cfg.shape["out_features"], peft_cfg.tensor_parallel_size),
+                tensor_parallel_size=peft_cfg.tensor_parallel_size,
+                sequence_parallel=peft_cfg.sequence_parallel,
+            )
+            wrapped += 1
+    return wrapped
+
+
+def _tiedlora_configs(peft_cfgs: Any) -> list[TiedLoraPEFTConfig]:
+    cfgs = peft_cfgs if isinstance(peft_cfgs, (list, tuple)) else [peft_cfgs]
+    return [cfg for cfg in cfgs if isinstance(cfg, TiedLoraPEFTConfig)]
+
+
+_ORIGINAL_ADD_ADAPTER = NLPAdapterModelMixin.add_adapter
+
+
+def add_adapter(self: NLPAdapterModelMixin, peft_cfgs: Any) -> None:
+    """NLPAdapterModelMixin.add_adapter with Tied-LoRA's wrappers put in place first."""
+    tied_cfgs = _tiedlora_configs(peft_cfgs)
+    if len(tied_cfgs) > 1:
+        raise TiedLoraConfigError("more than one tiedlora config given: combine them into one tiedlora_tuning")
+    if tied_cfgs and getattr(self, "mcore_gpt", False) is not True:
+        raise TiedLoraConfigError("tiedlora needs a megatron-core GPT model: set model.mcore_gpt=True")
+    if tied_cfgs:
+        attach(self, tied_cfgs[0])
+    _ORIGINAL_ADD_ADAPTER(self, peft_cfgs)
+    if tied_cfgs:
+        from nemo_tiedlora.nemo.summary import log_parameter_summary
+
+        log_parameter_summary(self, tied_cfgs[0])
+
+
+def iter_layer_adapters(model: NLPAdapterModelMixin) -> Iterable[tuple[int, Any]]:
+    """(global layer number, TiedLoraLayerAdapter) for every adapted layer on this rank."""
+    for chunk in _model_chunks(model):
+        for layer in chunk.decoder.layers:
+            qkv = layer.self_attention.linear_qkv
+            if isinstance(qkv, TiedLoraQKV) and qkv.get_adapter_module(ADAPTER_NAME) is not None:
+                yield layer.layer_number, qkv.get_adapter_module(ADAPTER_NAME)
+
+
+def iter_shared_adapters(model: NLPAdapterModelMixin) -> Iterable[Any]:
+    """The TiedLoraSharedAdapter (A, B) replica of every model chunk on this rank."""
+    for chunk in _model_chunks(model):
+        owner = getattr(chunk, SHARED_ATTR, None)
+        if owner is not None and owner.get_adapter_module(ADAPTER_NAME) is not None:
+            yield owner.get_adapter_module(ADAPTER_NAME)
+
+
+def register() -> None:
+    """Make `tiedlora` a NeMo PEFT scheme (idempotent)."""
+    PEFT_CONFIG_MAP[SCHEME] = TiedLoraPEFTConfig
+    nemo_peft_config.TiedLoraPEFTConfig = TiedLoraPEFTConfig
+    if NLPAdapterModelMixin.add_adapter is not add_adapter:
+        NLPAdapterModelMixin.add_adapter = add_adapter
