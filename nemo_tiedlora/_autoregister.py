@@ -16,6 +16,8 @@ TRIGGER = "nemo.collections.nlp.parts.mixins.nlp_adapter_mixins"
 
 
 def _register() -> None:
+    if "nemo_tiedlora.nemo.peft" in sys.modules:
+        return  # nemo_tiedlora.nemo.setup() is importing NeMo itself and registers when that import is done
     from nemo_tiedlora.nemo import setup
 
     setup()

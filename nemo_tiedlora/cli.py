@@ -1,0 +1,69 @@
+"""Command line: ``python -m nemo_tiedlora <command>``.
+
+Each subcommand imports its implementation lazily inside its handler, so a light command (``params``) never
+imports NeMo or Megatron. To add one (demo, merge, export, inspect, bench): write ``_add_<name>(subparsers)``
+that sets ``handler`` and call it from :func:`build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
+
+_EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per command."""
+    parser = argparse.ArgumentParser(prog="python -m nemo_tiedlora", description="Tied-LoRA tools for NeMo.")
+    subparsers = parser.add_subparsers(dest="command", required=True, title="commands")
+    _add_params(subparsers)
+    return parser
+
+
+def _add_params(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "params",
+        help="trainable parameters of every preset for a model shape",
+        description="Trainable parameters per factor of every preset, and % of LoRA at the same rank.",
+    )
+    parser.add_argument("--hidden-size", type=int, required=True, help="model hidden size d")
+    parser.add_argument("--num-layers", type=int, required=True, help="number of transformer layers L")
+    parser.add_argument("--rank", type=int, required=True, help="adapter rank r (adapter_dim)")
+    parser.add_argument("--num-attention-heads", type=int, help="attention heads (needed for GQA)")
+    parser.add_argument("--num-query-groups", type=int, help="query groups (GQA); default: one per head")
+    parser.add_argument("--kv-channels", type=int, help="head dim; default: hidden size / heads")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=_run_params)
+
+
+def _run_params(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.params import format_params_table, params_report
+
+    report = params_report(
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        rank=args.rank,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_params_table(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return the exit code.
+
+    A bad configuration exits with code 2 and a one-line ``error:`` message, without a traceback.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (TiedLoraConfigError, TiedLoraCheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return _EXIT_USAGE
