@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The project's two commands:  bash scripts/run.sh demo   |   bash scripts/run.sh test [pytest args]
+# Both first make sure .venv has the pinned stack (idempotent; ~3 min the first time, seconds after).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${NEMO_TIEDLORA_VENV:-$ROOT/.venv}
+STAMP=$VENV/.installed-$(cat requirements/requirements.txt requirements/constraints.txt setup.py | sha256sum | cut -c1-16)
+
+install() {
+  [ -f "$STAMP" ] && return 0
+  echo "[nemo_tiedlora] installing the pinned stack into $VENV (first run: a few minutes)"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
+  "$VENV/bin/python" -m pip install -q -r requirements/requirements.txt -c requirements/constraints.txt
+  "$VENV/bin/python" -m pip install -q --no-deps -e .
+  # NeMo's SFT dataset compiles a C++ helper on first use with whatever `python3` is on PATH; build it now, once,
+  # with the venv's python (its pybind11), instead of failing later inside a training run.
+  helpers=$("$VENV/bin/python" -c "import os, nemo.collections.nlp.data.language_modeling.megatron as m; print(os.path.dirname(m.__file__))" 2>/dev/null)
+  PATH="$VENV/bin:$PATH" make -s -C "$helpers" >/dev/null
+  touch "$STAMP"
+}
+
+cmd=${1:-demo}; shift || true
+install
+export PATH="$VENV/bin:$PATH"
+case "$cmd" in
+  demo) exec python -m nemo_tiedlora demo "$@" ;;
+  test) exec python -m pytest "$@" ;;
+  install) ;;
+  *) echo "usage: bash scripts/run.sh {demo|test|install} [args]" >&2; exit 2 ;;
+esac
