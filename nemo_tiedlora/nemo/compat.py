@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -107,6 +108,38 @@ def _clip_grads_lacks_apex() -> bool:
     import nemo.collections.nlp.modules.common.megatron.clip_grads as clip_grads
 
     return not hasattr(clip_grads, "multi_tensor_applier")
+
+
+_DISPATCHER_IMPORTS = {
+    # module imported unconditionally by text_generation_strategy.model_inference_strategy_dispatcher: class used
+    "nemo.collections.multimodal.models.multimodal_llm.neva.neva_model": "MegatronNevaModel",  # torchvision
+    "nemo.collections.nlp.models.language_modeling.megatron_griffin_model": "MegatronGriffinModel",  # accelerated_scan
+    "nemo.collections.nlp.models.language_modeling.megatron_mamba_model": "MegatronMambaModel",  # mamba_ssm
+}
+
+
+def _dispatcher_imports_fail() -> bool:
+    import importlib
+
+    for module in _DISPATCHER_IMPORTS:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - any failure here is the defect (NameError without torchvision)
+            return True
+    return False
+
+
+def _stub_dispatcher_imports() -> None:
+    import importlib
+
+    for module, class_name in _DISPATCHER_IMPORTS.items():
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001
+            stub = types.ModuleType(module)
+            # A class no model is an instance of: the dispatcher's isinstance test is simply false.
+            setattr(stub, class_name, type(class_name, (), {}))
+            sys.modules[module] = stub
 
 
 def _te_free_specs() -> None:
@@ -309,6 +342,15 @@ FIXES: tuple[Fix, ...] = (
         "amp_C.multi_tensor_l2norm unguarded: NameError without apex",
         _clip_grads_lacks_apex,
         _torch_multi_tensor_l2norm,
+    ),
+    Fix(
+        "generation-dispatcher-imports",
+        "environment",
+        "text_generation_strategy.py model_inference_strategy_dispatcher imports the NeVA (needs torchvision: "
+        "NameError InterpolationMode), Griffin (accelerated_scan/triton) and Mamba models unconditionally: "
+        "generation fails for every GPT model without them",
+        _dispatcher_imports_fail,
+        _stub_dispatcher_imports,
     ),
     Fix(
         "te-free-specs",
