@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nemo_tiedlora", description="Tied-LoRA tools for NeMo.")
     subparsers = parser.add_subparsers(dest="command", required=True, title="commands")
     _add_params(subparsers)
+    _add_demo(subparsers)
+    _add_compat(subparsers)
     return parser
 
 
@@ -39,6 +41,48 @@ def _add_params(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-channels", type=int, help="head dim; default: hidden size / heads")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=_run_params)
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    from nemo_tiedlora.demo.run import DemoSettings
+
+    defaults = DemoSettings()
+    parser = subparsers.add_parser(
+        "demo",
+        help="the main job on the embedded default (tiny base, generated task, CPU)",
+        description="Build (and cache) a tiny tokenizer, base .nemo and task; fine-tune with tiedlora through "
+        "NeMo's entry script; evaluate base and adapted model on the test split; print a summary.",
+    )
+    parser.add_argument("--work", default=".cache/demo", help="work and cache folder (default: .cache/demo)")
+    parser.add_argument("--preset", default=defaults.preset, help=f"Tied-LoRA preset (default {defaults.preset})")
+    parser.add_argument("--rank", type=int, default=defaults.rank, help=f"rank (default {defaults.rank})")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps (default {defaults.steps})")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr})")
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.config import TiedLoraConfig
+    from nemo_tiedlora.demo.run import DemoSettings, main
+
+    TiedLoraConfig(preset=args.preset, rank=args.rank)  # bad input fails now, not after minutes of work
+    main(work=args.work, settings=DemoSettings(preset=args.preset, rank=args.rank, steps=args.steps, lr=args.lr))
+    return 0
+
+
+def _add_compat(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compat", help="list the NeMo/megatron-core compatibility fixes and which apply on this machine"
+    )
+    parser.set_defaults(handler=_run_compat)
+
+
+def _run_compat(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.nemo import compat
+
+    compat.apply()
+    print(compat.describe())
+    return 0
 
 
 def _run_params(args: argparse.Namespace) -> int:

@@ -51,28 +51,34 @@ def _peft_config_class(scheme: str):
     return PEFT_CONFIG_MAP[scheme]
 
 
-def finetune(cfg: DictConfig, *, callbacks: Optional[list] = None) -> Optional[Path]:
-    """Run NeMo PEFT fine-tuning from a hydra config; return the adapter .nemo written at the end (rank 0)."""
+def build(cfg: DictConfig, *, callbacks: Optional[list] = None) -> tuple[Any, Any, Any, Any]:
+    """trainer, SFT model restored from the base .nemo with adapters added (or loaded), PEFT config, log dir."""
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
     from nemo.utils.exp_manager import exp_manager
 
     _prepare(cfg)
     trainer = _build_trainer(cfg, callbacks)
-    log_dir = exp_manager(trainer, cfg.exp_manager)
+    log_dir = exp_manager(trainer, cfg.get("exp_manager", None))
     model_cfg = MegatronGPTSFTModel.merge_cfg_with(cfg.model.restore_from_path, cfg)
     peft_cls = _peft_config_class(cfg.model.peft.peft_scheme)
-    # Validate the PEFT config before the (slow) restore: bad input fails in seconds, not minutes.
+    # The PEFT config validates before the (slow) restore: bad input fails in seconds, not minutes.
     peft_cfg = peft_cls(model_cfg) if peft_cls is not None else None
     model = MegatronGPTSFTModel.restore_from(cfg.model.restore_from_path, model_cfg, trainer=trainer)
     if cfg.model.peft.get("restore_from_path"):
         model.load_adapters(cfg.model.peft.restore_from_path, peft_cfg)
     elif peft_cfg is not None:
         model.add_adapter(peft_cfg)
+    return trainer, model, peft_cfg, log_dir
+
+
+def finetune(cfg: DictConfig, *, callbacks: Optional[list] = None) -> Optional[Path]:
+    """Run NeMo PEFT fine-tuning from a hydra config; return the adapter .nemo written at the end (rank 0)."""
+    trainer, model, _, log_dir = build(cfg, callbacks=callbacks)
     trainer.fit(model)
-    return _final_nemo(log_dir, cfg)
+    return _final_nemo(log_dir)
 
 
-def _final_nemo(log_dir: Any, cfg: DictConfig) -> Optional[Path]:
+def _final_nemo(log_dir: Any) -> Optional[Path]:
     """The .nemo exp_manager saves at the end of training (save_nemo_on_train_end), if any."""
     if log_dir is None:
         return None

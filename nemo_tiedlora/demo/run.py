@@ -1,0 +1,197 @@
+"""The main job on the embedded default: data -> tiny base .nemo -> Tied-LoRA fine-tuning through NeMo's entry
+script -> generation with and without the adapter on the test split -> a short table.
+
+Every step that NeMo runs is a real NeMo entry script in a subprocess (the same command a user types); the
+tokenizer, data and base model are cached under the work folder, so a second run only fine-tunes and evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nemo_tiedlora.demo.base_model import BaseSpec, build_base_model
+from nemo_tiedlora.demo.data import build_all, score
+
+logger = logging.getLogger("nemo_tiedlora")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TUNING_DIR = REPO_ROOT / "examples" / "nlp" / "language_modeling" / "tuning"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Fine-tuning budget of the demo (CPU, 2 cores: a few minutes)."""
+
+    preset: str = "tl6"
+    rank: int = 8
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    max_seq_length: int = 64
+    tokens_to_generate: int = 3
+
+
+def _script(name: str) -> Path:
+    path = TUNING_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the demo from a checkout of nemo_tiedlora (examples/ is not installed)")
+    return path
+
+
+def _run(args: list[str], *, log: Path, title: str) -> None:
+    """Run a NeMo entry script; its progress bar streams to the terminal, everything goes to `log`."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    print(f"\n== {title}\n   {' '.join(args[:2])} ...  (log: {log})", flush=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        assert process.stdout is not None
+        for line in process.stdout:
+            out.write(line)
+            # Lightning's progress bar and our own summary lines reach the terminal; NeMo's chatter stays in the log.
+            if any(mark in line for mark in ("Epoch", "Testing", "Tied-LoRA", "  A:", "  B:", "  u:", "  v:",
+                                             "total:", "LoRA at rank", "Error", "error")):
+                sys.stdout.write(line.rstrip("\n")[-200:] + "\n")
+                sys.stdout.flush()
+        if process.wait() != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+            raise RuntimeError(f"{title} failed (exit {process.returncode}); last lines of {log}:\n{tail}")
+
+
+def _data_overrides(data, settings: DemoSettings) -> list[str]:
+    common = [
+        f"model.data.train_ds.max_seq_length={settings.max_seq_length}",
+        f"model.data.validation_ds.max_seq_length={settings.max_seq_length}",
+        "model.data.train_ds.memmap_workers=1",
+        "model.data.train_ds.num_workers=0",
+    ]
+    return [
+        f"model.data.train_ds.file_names=[{data.train}]",
+        f"model.data.validation_ds.file_names=[{data.validation}]",
+        "model.data.validation_ds.names=[validation]",
+        *common,
+    ]
+
+
+def finetune(*, base: Path, data, work: Path, settings: DemoSettings) -> Path:
+    """Fine-tune through examples/.../megatron_gpt_finetuning.py; return the adapter .nemo."""
+    exp_dir = work / "runs"
+    name = f"demo_{settings.preset}_r{settings.rank}"
+    args = [
+        sys.executable,
+        str(_script("megatron_gpt_finetuning.py")),
+        f"model.restore_from_path={base}",
+        "model.peft.peft_scheme=tiedlora",
+        f"model.peft.tiedlora_tuning.preset={settings.preset}",
+        f"model.peft.tiedlora_tuning.adapter_dim={settings.rank}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        f"trainer.max_steps={settings.steps}",
+        f"trainer.val_check_interval={settings.steps}",
+        "trainer.limit_val_batches=4",
+        "trainer.log_every_n_steps=10",
+        f"model.global_batch_size={settings.batch_size}",
+        f"model.micro_batch_size={settings.batch_size}",
+        f"model.optim.lr={settings.lr}",
+        "model.optim.sched.warmup_steps=20",
+        f"exp_manager.exp_dir={exp_dir}",
+        f"name={name}",
+        "exp_manager.resume_if_exists=False",
+        "exp_manager.checkpoint_callback_params.save_top_k=1",
+        *_data_overrides(data, settings),
+    ]
+    _run(args, log=work / f"{name}.finetune.log", title=f"fine-tune {settings.preset} (rank {settings.rank})")
+    checkpoints = exp_dir / name / "checkpoints"
+    adapters = sorted(checkpoints.glob("*.nemo"), key=os.path.getmtime)
+    if not adapters:
+        raise RuntimeError(f"fine-tuning wrote no adapter .nemo under {checkpoints}")
+    return adapters[-1]
+
+
+def evaluate(*, base: Path, adapter: Path | None, data, work: Path, settings: DemoSettings, label: str) -> float:
+    """Greedy generation on the test split through examples/.../megatron_gpt_generate.py; exact-match score."""
+    prefix = work / f"predictions_{label}"
+    args = [
+        sys.executable,
+        str(_script("megatron_gpt_generate.py")),
+        f"model.restore_from_path={base}",
+        f"model.peft.restore_from_path={adapter if adapter else 'null'}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        f"model.data.test_ds.file_names=[{data.test}]",
+        "model.data.test_ds.names=[test]",
+        f"model.data.test_ds.tokens_to_generate={settings.tokens_to_generate}",
+        "model.data.test_ds.global_batch_size=32",
+        "model.data.test_ds.micro_batch_size=32",
+        f"model.data.test_ds.max_seq_length={settings.max_seq_length}",
+        "model.data.test_ds.write_predictions_to_file=True",
+        f"model.data.test_ds.output_file_path_prefix={prefix}",
+    ]
+    _run(args, log=work / f"{label}.generate.log", title=f"evaluate {label} on the test split")
+    files = sorted(work.glob(f"predictions_{label}*.jsonl"), key=os.path.getmtime)
+    rows = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
+    return score([row["pred"] for row in rows], [row["label"] for row in rows])
+
+
+def _trainable_counts(base: Path, settings: DemoSettings) -> dict:
+    """Closed-form counts for the base's shape (the fine-tuning log shows the instantiated ones)."""
+    from nemo_tiedlora.params import params_report
+
+    spec = json.loads(base.with_suffix(".json").read_text())["spec"]
+    report = params_report(
+        hidden_size=spec["hidden_size"],
+        num_layers=spec["num_layers"],
+        rank=settings.rank,
+        num_attention_heads=spec["num_attention_heads"],
+        num_query_groups=spec["num_query_groups"],
+    )
+    return report
+
+
+def main(*, work: Path = Path(".cache/demo"), settings: DemoSettings = DemoSettings()) -> dict:
+    """Run the whole demo; print and return the summary."""
+    started = time.time()
+    work = Path(work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print("== data: tokenizer, corpus and the supervised task (cached)", flush=True)
+    data = build_all(work / "data")
+    print("== base model: tiny Llama-style GPT pre-trained on the corpus (cached)", flush=True)
+    base, base_report = build_base_model(
+        work / "base.nemo", corpus=data.corpus, tokenizer_model=data.tokenizer_model, spec=BaseSpec()
+    )
+    adapter = finetune(base=base, data=data, work=work, settings=settings)
+    base_score = evaluate(base=base, adapter=None, data=data, work=work, settings=settings, label="base")
+    tuned_score = evaluate(base=base, adapter=adapter, data=data, work=work, settings=settings, label=settings.preset)
+    report = _trainable_counts(base, settings)
+    row = report["presets"][settings.preset]
+    summary = {
+        "preset": settings.preset,
+        "rank": settings.rank,
+        "trainable_parameters": row["total"],
+        "percent_of_lora": row["percent_of_lora"],
+        "lora_parameters": report["lora_parameters"],
+        "base_exact_match": base_score,
+        "adapted_exact_match": tuned_score,
+        "adapter": str(adapter),
+        "base_model": str(base),
+        "base_pretrain_loss": base_report["final_loss"],
+        "seconds": round(time.time() - started, 1),
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        "\n"
+        f"  Tied-LoRA demo ({settings.preset}, rank {settings.rank}) on the embedded task\n"
+        f"  trainable parameters   {row['total']:,}  ({row['percent_of_lora']:.1f}% of LoRA's {report['lora_parameters']:,})\n"
+        f"  test exact match       base {100 * base_score:5.1f}%  ->  adapted {100 * tuned_score:5.1f}%\n"
+        f"  adapter .nemo          {adapter}\n"
+        f"  wall time              {summary['seconds']:.0f} s\n",
+        flush=True,
+    )
+    return summary
