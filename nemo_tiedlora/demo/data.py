@@ -175,20 +175,24 @@ def _scene(rng: random.Random) -> str:
 
 
 def _binding_story(rng: random.Random) -> str:
-    """Attributes stated once, then reused: teaches in-context lookup in both directions."""
+    """Attributes stated once, then reused: teaches in-context lookup in both directions.
+
+    ``"the cat is ___"`` and ``"the color of the cat is ___"`` look a color up by its animal;
+    ``"the blue ___"`` and ``"the blue animal is the ___"`` look an animal up by its color.
+    """
     count = rng.randint(2, TASK_MAX_PAIRS)
     animals, colors = rng.sample(ANIMALS, count), rng.sample(COLORS, count)
     sentences = [_binding_statement(animals, colors)]
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(rng.randint(2, 5)):
         index = rng.randrange(count)
         animal, color = animals[index], colors[index]
         verb, place = rng.choice(VERBS), rng.choice(PLACES)
         sentences.append(rng.choice((
-            f"the {color} {animal} {verb} in the {place} .",
-            f"the color of the {animal} is {color} .",
             f"the {animal} is {color} .",
-            f"the {color} animal is the {animal} .",
+            f"the color of the {animal} is {color} .",
             f"the {animal} which is {color} {verb} .",
+            f"the {color} {animal} {verb} in the {place} .",
+            f"the {color} animal is the {animal} .",
         )))
     return " ".join(sentences)
 
@@ -202,6 +206,7 @@ def _word_list(rng: random.Random) -> str:
     after = rng.randrange(1, len(NUMBERS))
     return rng.choice((
         " ".join(items) + " .",
+        " ".join(items) + " . " + " ".join(items) + " .",
         "the list is " + " , ".join(items[:-1]) + f" and {items[-1]} .",
         " ".join(run) + " .",
         f"{NUMBERS[after]} comes after {NUMBERS[after - 1]} .",
@@ -215,9 +220,9 @@ def _where(rng: random.Random) -> str:
 
 
 _DOCUMENT_KINDS: tuple[tuple[Callable[[random.Random], str], float], ...] = (
-    (_scene, 0.35),
-    (_binding_story, 0.35),
-    (_word_list, 0.2),
+    (_scene, 0.2),
+    (_binding_story, 0.55),
+    (_word_list, 0.15),
     (_where, 0.1),
 )
 

@@ -48,6 +48,8 @@ def _script(name: str) -> Path:
 def _run(args: list[str], *, log: Path, title: str) -> None:
     """Run a NeMo entry script; its progress bar streams to the terminal, everything goes to `log`."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1")
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)  # the script is a new single-process job, not a member of this process's group
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     print(f"\n== {title}\n   {' '.join(args[:2])} ...  (log: {log})", flush=True)
     with open(log, "w") as out:

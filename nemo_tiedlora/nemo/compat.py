@@ -211,13 +211,17 @@ def ensure_process_groups(
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port()) if world_size == 1 else "29500"
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend, rank=global_rank, world_size=world_size)
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A private port, not exported: child processes (e.g. a script this one launches) must not inherit it.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            init_method = "env://"
+        dist.init_process_group(backend=backend, init_method=init_method, rank=global_rank, world_size=world_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
