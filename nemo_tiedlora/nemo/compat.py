@@ -38,6 +38,7 @@ class Fix:
     defect: str  # the upstream defect, with the file it lives in
     needed: Callable[[], bool]
     patch: Callable[[], None]
+    on_demand: bool = False  # applied by apply(only=...) for the runs that need it, not by a plain apply()
 
 
 def _no_cuda() -> bool:
@@ -140,6 +141,34 @@ def _stub_dispatcher_imports() -> None:
             # A class no model is an instance of: the dispatcher's isinstance test is simply false.
             setattr(stub, class_name, type(class_name, (), {}))
             sys.modules[module] = stub
+
+
+def _torch_norm_sequence_parallel() -> None:
+    import copy
+
+    from megatron.core.transformer import torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+    if getattr(original_new, "_nemo_tiedlora_fix", False):
+        return
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        local = copy.copy(config)  # never mutate the shared config
+        local.sequence_parallel = False
+        norm = original_new(cls, local, hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            # as apex's FusedLayerNorm does: NeMo / megatron all-reduce these grads over the TP group
+            param.sequence_parallel = True
+        return norm
+
+    __new__._nemo_tiedlora_fix = True
+    torch_norm.WrappedTorchNorm.__new__ = __new__
+
+
+def _torch_norm_refuses_sequence_parallel() -> bool:
+    return not _have_module("apex")
 
 
 def _te_free_specs() -> None:
@@ -314,6 +343,21 @@ def _cpu_cp_stream() -> None:
     MegatronBaseModel.setup_transformer_engine_cp_groups = lambda self: None
 
 
+def _cpu_tensor_type() -> None:
+    original = torch.Tensor.type
+    if getattr(original, "_nemo_tiedlora_fix", False):
+        return
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and not self.is_cuda:
+            name = original(self)
+            return name.replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    tensor_type._nemo_tiedlora_fix = True
+    torch.Tensor.type = tensor_type
+
+
 FIXES: tuple[Fix, ...] = (
     Fix(
         "nvidia-pytorch-version",
@@ -357,6 +401,15 @@ FIXES: tuple[Fix, ...] = (
         _stub_dispatcher_imports,
     ),
     Fix(
+        "torch-norm-sequence-parallel",
+        "environment",
+        "megatron/core/transformer/torch_norm.py WrappedTorchNorm (the norm of the local spec without apex) asserts "
+        "not sequence_parallel, although only its weights' TP gradient all-reduce is needed (apex's FusedLayerNorm "
+        "tags them sequence_parallel)",
+        _torch_norm_refuses_sequence_parallel,
+        _torch_norm_sequence_parallel,
+    ),
+    Fix(
         "te-free-specs",
         "environment",
         "megatron_gpt_model.py get_specs builds every spec eagerly, TransformerEngine's too: NameError "
@@ -398,6 +451,16 @@ FIXES: tuple[Fix, ...] = (
         _cpu_device_literals,
     ),
     Fix(
+        "cpu-distributed-optimizer-type-checks",
+        "cpu",
+        "megatron/core/optimizer/distrib_optimizer.py, optimizer.py and clip_grads.py accept parameters only if "
+        "Tensor.type() == 'torch.cuda.FloatTensor' (TypeError for CPU tensors). Applied only to runs with "
+        "optim.name=mcore_distributed_optim on CPU: it makes a CPU tensor's type() read 'torch.cuda.*'",
+        _no_cuda,
+        _cpu_tensor_type,
+        on_demand=True,
+    ),
+    Fix(
         "cpu-cp-stream",
         "cpu",
         "megatron_base_model.py setup_transformer_engine_cp_groups creates torch.cuda.Stream() in setup()",
@@ -407,10 +470,14 @@ FIXES: tuple[Fix, ...] = (
 )
 
 
-def apply() -> list[Fix]:
-    """Apply every fix whose defect is present here (idempotent); return the fixes in force."""
+def apply(*, on_demand: tuple[str, ...] = ()) -> list[Fix]:
+    """Apply every fix whose defect is present here (idempotent), plus the named on-demand fixes; return the
+    fixes in force."""
+    unknown = set(on_demand) - {fix.name for fix in FIXES if fix.on_demand}
+    if unknown:
+        raise ValueError(f"unknown on-demand fixes {sorted(unknown)}")
     for fix in FIXES:
-        if fix.name in _APPLIED:
+        if fix.name in _APPLIED or (fix.on_demand and fix.name not in on_demand):
             continue
         if fix.needed():
             fix.patch()

@@ -18,9 +18,11 @@ logger = logging.getLogger("nemo_tiedlora")
 
 def _prepare(cfg: DictConfig) -> None:
     """Fixes and registration first; then settings a CPU run needs (NeMo's defaults assume CUDA + apex)."""
-    from nemo_tiedlora.nemo import setup
+    from nemo_tiedlora.nemo import compat, setup
 
     setup()
+    if cfg.model.get("optim", {}).get("name") == "mcore_distributed_optim":
+        compat.apply(on_demand=("cpu-distributed-optimizer-type-checks",))
     if cfg.trainer.get("accelerator") != "cpu":
         return
     with open_dict(cfg):

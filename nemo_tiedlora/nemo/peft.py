@@ -59,8 +59,11 @@ class TiedLoraPEFTConfig(PEFTConfig):
                 f"model.peft.{TUNING_KEY} is missing: add the section (see conf/tiedlora_tuning.yaml) or "
                 f"override e.g. +model.peft.{TUNING_KEY}.preset=tl6"
             )
+        tuning = OmegaConf.to_container(tuning, resolve=True) if OmegaConf.is_config(tuning) else dict(tuning)
+        self.check_replicas_every = int(tuning.pop("check_replicas_every", 0) or 0)
         self.tiedlora = TiedLoraConfig.from_nemo(tuning)
         self.shape = model_shape(cfg)
+        check_parallel_layout(cfg, self.shape)
         self.tiedlora.validate_for_model(
             hidden_size=self.shape["hidden_size"],
             num_layers=self.shape["num_layers"],
@@ -82,10 +85,45 @@ class TiedLoraPEFTConfig(PEFTConfig):
         )
 
 
+def check_parallel_layout(cfg: Any, shape: dict[str, int]) -> None:
+    """Refuse, before anything is built, a TP/PP layout the adapter (or megatron) cannot run."""
+    tp = int(cfg.get("tensor_model_parallel_size", 1) or 1)
+    pp = int(cfg.get("pipeline_model_parallel_size", 1) or 1)
+    vpp = cfg.get("virtual_pipeline_model_parallel_size", None)
+    groups, layers = shape["num_query_groups"], shape["num_layers"]
+    if groups % tp:
+        raise TiedLoraConfigError(
+            f"tensor_model_parallel_size={tp} does not divide num_query_groups={groups}: tensor parallelism splits "
+            f"linear_qkv by whole query groups; choose a TP size among {[n for n in range(1, groups + 1) if groups % n == 0]}"
+        )
+    if pp > layers:
+        raise TiedLoraConfigError(
+            f"pipeline_model_parallel_size={pp} exceeds num_layers={layers}: every stage needs at least one layer; "
+            f"choose pipeline_model_parallel_size <= {layers}"
+        )
+    if vpp and int(vpp) > 1 and layers % (pp * int(vpp)):
+        raise TiedLoraConfigError(
+            f"virtual_pipeline_model_parallel_size={vpp} x pipeline_model_parallel_size={pp} does not divide "
+            f"num_layers={layers}: choose sizes whose product divides the layer count"
+        )
+    if bool(cfg.get("megatron_amp_O2", False)) and (tp > 1 or pp > 1) and cfg.get("optim", {}).get("name") != "mcore_distributed_optim":
+        raise TiedLoraConfigError(
+            "megatron_amp_O2=True with TP/PP > 1 keeps gradients in apex's main-params wrapper, where tiedlora cannot "
+            "sum its replicated factors: use model.optim.name=mcore_distributed_optim or megatron_amp_O2=False"
+        )
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The megatron GPTModel inside DDP / Float16Module wrappers."""
+    while not hasattr(module, "decoder") and hasattr(module, "module"):
+        module = module.module
+    return module
+
+
 def _model_chunks(model: NLPAdapterModelMixin) -> list[torch.nn.Module]:
-    """The megatron GPTModel of every chunk on this rank (unwrapping the O2 Float16Module)."""
+    """The megatron GPTModel of every (virtual pipeline) chunk on this rank."""
     chunks = model.model if isinstance(model.model, list) else [model.model]
-    return [chunk.module if model.cfg.get("megatron_amp_O2", False) else chunk for chunk in chunks]
+    return [_unwrap(chunk) for chunk in chunks]
 
 
 def _out_rows(out_features: int, tensor_parallel_size: int) -> slice | None:
@@ -146,8 +184,53 @@ def add_adapter(self: NLPAdapterModelMixin, peft_cfgs: Any) -> None:
     _ORIGINAL_ADD_ADAPTER(self, peft_cfgs)
     if tied_cfgs:
         from nemo_tiedlora.nemo.summary import log_parameter_summary
+        from nemo_tiedlora.parallel import tag_for_clipping
 
+        tag_for_clipping(_model_chunks(self))
+        self._tiedlora_check_every = tied_cfgs[0].check_replicas_every
+        self._tiedlora_steps = 0
+        _OWNERS[id(_model_chunks(self)[0])] = self
         log_parameter_summary(self, tied_cfgs[0])
+
+
+def _before_data_parallel_reduction(model: Any) -> None:
+    """Once per optimizer step, before the DP reduction: (optionally) check replicas, then sum adapter grads."""
+    if not hasattr(model, "_tiedlora_steps"):
+        return  # no tiedlora adapters in this model
+    from nemo_tiedlora.parallel import check_replicas, reduce_adapter_grads
+
+    chunks = _model_chunks(model)
+    every = getattr(model, "_tiedlora_check_every", 0)
+    if every and model._tiedlora_steps % every == 0:
+        check_replicas(chunks)  # the state the previous step left
+    model._tiedlora_steps += 1
+    reduce_adapter_grads(chunks)
+
+
+def _wrap_allreduce_gradients(original):
+    def allreduce_gradients(self):
+        _before_data_parallel_reduction(self)
+        return original(self)
+
+    allreduce_gradients._nemo_tiedlora = True
+    return allreduce_gradients
+
+
+def _wrap_finalize_model_grads(original):
+    def finalize_model_grads(model, *args, **kwargs):
+        # megatron DDP (distributed optimizer): our TP/PP sums must precede its DP reduce-scatter
+        first = model[0] if isinstance(model, list) else model
+        owner = _OWNERS.get(id(_unwrap(first)))
+        if owner is not None:
+            _before_data_parallel_reduction(owner)
+        return original(model, *args, **kwargs)
+
+    finalize_model_grads._nemo_tiedlora = True
+    return finalize_model_grads
+
+
+# id(first GPTModel chunk) -> the NeMo model that owns it: megatron's finalize_model_grads only sees the chunks.
+_OWNERS: dict[int, Any] = {}
 
 
 def iter_layer_adapters(model: NLPAdapterModelMixin) -> Iterable[tuple[int, Any]]:
@@ -168,8 +251,17 @@ def iter_shared_adapters(model: NLPAdapterModelMixin) -> Iterable[Any]:
 
 
 def register() -> None:
-    """Make `tiedlora` a NeMo PEFT scheme (idempotent)."""
+    """Make `tiedlora` a NeMo PEFT scheme and hook its gradient sums into NeMo's step (idempotent)."""
+    import nemo.collections.nlp.models.language_modeling.megatron_gpt_model as gpt_model
+    from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
+
     PEFT_CONFIG_MAP[SCHEME] = TiedLoraPEFTConfig
     nemo_peft_config.TiedLoraPEFTConfig = TiedLoraPEFTConfig
     if NLPAdapterModelMixin.add_adapter is not add_adapter:
         NLPAdapterModelMixin.add_adapter = add_adapter
+    # Plain optimizers: NeMo's training_step calls allreduce_gradients (DP all-reduce) after the pipeline.
+    if not getattr(MegatronBaseModel.allreduce_gradients, "_nemo_tiedlora", False):
+        MegatronBaseModel.allreduce_gradients = _wrap_allreduce_gradients(MegatronBaseModel.allreduce_gradients)
+    # Distributed optimizer: fwd_bwd_step installs megatron's finalize_model_grads (DP reduce-scatter).
+    if not getattr(gpt_model.finalize_model_grads, "_nemo_tiedlora", False):
+        gpt_model.finalize_model_grads = _wrap_finalize_model_grads(gpt_model.finalize_model_grads)

@@ -1,0 +1,134 @@
+"""Replication of the adapter tensors over model parallelism (spec section 5).
+
+Every adapter tensor is a full replica on the ranks that use it:
+- A and B (tag ``model``): on every TP rank, every PP stage and every virtual-pipeline chunk.
+- u_l, v_l and untied A_l, B_l (tag ``layer``): on every TP rank of the stage that owns layer l.
+
+On TP rank t a layer uses only B's and v's rows of its own output partition, so the gradients of A, u and of the
+other rows are partial on each rank: they are summed over the TP group. A and B are also used by every stage and
+every chunk, so their gradients are summed over the chunks of a rank and over the PP group (like tied embeddings in
+megatron's ``finalize_model_grads``). This happens before the data-parallel reduction (before the distributed
+optimizer's reduce-scatter; with plain all-reduce the order does not matter). Afterwards every replica holds the
+same gradient, the optimizer makes the same update everywhere and the replicas stay bitwise identical.
+
+Gradient clipping counts a replicated tensor once: TP duplicates are skipped by megatron's
+``param_is_not_tensor_parallel_duplicate`` (our tensors are not ``tensor_model_parallel``), and every A/B replica
+but the one of chunk 0 on PP stage 0 is tagged ``shared`` (skipped by ``param_is_not_shared``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nemo_tiedlora.modules import REPLICA_TAG, REPLICATED_IN_LAYER, REPLICATED_MODEL_WIDE
+
+
+def _tagged(chunk: nn.Module, kind: str) -> list[nn.Parameter]:
+    return [p for p in chunk.parameters() if getattr(p, REPLICA_TAG, None) == kind and p.requires_grad]
+
+
+def _grad(param: nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient buffer the optimizer will read: megatron DDP's ``main_grad`` if present, else ``grad``."""
+    grad = getattr(param, "main_grad", None)
+    return grad if grad is not None else param.grad
+
+
+def _all_reduce(tensors: Sequence[torch.Tensor], group) -> None:
+    if not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(list(tensors))
+    dist.all_reduce(flat, group=group)
+    for tensor, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, list(tensors))):
+        tensor.copy_(synced)
+
+
+def _grads_or_zeros(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
+    grads = []
+    for param in params:
+        grad = _grad(param)
+        if grad is None:  # a replica whose stage produced no gradient this step still joins the sum
+            param.grad = torch.zeros_like(param)
+            grad = param.grad
+        grads.append(grad)
+    return grads
+
+
+def reduce_adapter_grads(chunks: Sequence[nn.Module]) -> None:
+    """Sum adapter gradients over TP, over the VPP chunks of this rank (A, B) and over PP (A, B). Idempotent
+    per step only if called once: call it exactly once between the last backward and the DP reduction."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        return
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    shared = [_tagged(chunk, REPLICATED_MODEL_WIDE) for chunk in chunks]
+    local = [p for chunk in chunks for p in _tagged(chunk, REPLICATED_IN_LAYER)]
+    if tp_size > 1:
+        _all_reduce(_grads_or_zeros(local) + _grads_or_zeros(shared[0]), parallel_state.get_tensor_model_parallel_group())
+        for replicas in shared[1:]:
+            _all_reduce(_grads_or_zeros(replicas), parallel_state.get_tensor_model_parallel_group())
+    if not shared[0]:
+        return
+    # Virtual pipeline: sum the chunks' replicas into chunk 0, then over PP, then copy back to every chunk.
+    total = _grads_or_zeros(shared[0])
+    for replicas in shared[1:]:
+        for acc, grad in zip(total, _grads_or_zeros(replicas)):
+            acc.add_(grad)
+    if pp_size > 1:
+        _all_reduce(total, parallel_state.get_pipeline_model_parallel_group())
+    for replicas in shared[1:]:
+        for acc, grad in zip(total, _grads_or_zeros(replicas)):
+            grad.copy_(acc)
+
+
+def tag_for_clipping(chunks: Sequence[nn.Module]) -> None:
+    """Mark every A/B replica but one (chunk 0 of PP stage 0) ``shared``: gradient-norm clipping counts it once."""
+    from megatron.core import parallel_state
+
+    first_stage = parallel_state.get_pipeline_model_parallel_rank() == 0
+    for index, chunk in enumerate(chunks):
+        for param in chunk.parameters():
+            if getattr(param, REPLICA_TAG, None) == REPLICATED_MODEL_WIDE:
+                param.shared = not (first_stage and index == 0)
+
+
+class ReplicaDriftError(RuntimeError):
+    """Replicas of an adapter tensor differ between ranks."""
+
+
+def check_replicas(chunks: Sequence[nn.Module]) -> int:
+    """Verify that every replica is bitwise identical on all ranks holding it; return the number of tensors checked.
+
+    A/B are compared over the whole world (every rank holds them); per-layer tensors over the TP x DP group of
+    their stage. Raises ReplicaDriftError naming the tensor and the largest difference.
+    """
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        return 0
+    checked = 0
+    groups = {
+        REPLICATED_MODEL_WIDE: None,  # world
+        REPLICATED_IN_LAYER: parallel_state.get_tensor_and_data_parallel_group(),
+    }
+    for index, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            kind = getattr(param, REPLICA_TAG, None)
+            if kind is None:
+                continue
+            group = groups[kind]
+            high, low = param.detach().clone(), param.detach().clone()
+            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+            if not torch.equal(high, low):
+                raise ReplicaDriftError(
+                    f"adapter replica drift: {name} (chunk {index}) differs across ranks by up to "
+                    f"{float((high - low).abs().max()):.3e}; the TP/PP gradient sums were skipped or ran twice"
+                )
+            checked += 1
+    return checked

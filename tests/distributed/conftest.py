@@ -1,0 +1,49 @@
+"""Multi-process runs: torchrun + gloo on CPU, a 4-layer GQA tiny base built once per session."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DRIVER = Path(__file__).with_name("driver.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def dist_base(tmp_path_factory):
+    from nemo_tiedlora.demo.base_model import BaseSpec, build_base_model
+    from nemo_tiedlora.demo.data import build_all
+
+    work = tmp_path_factory.mktemp("dist")
+    data = build_all(work / "data")
+    spec = BaseSpec(num_layers=4, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4, num_query_groups=2,
+                    steps=20, batch_size=8)
+    base, _ = build_base_model(work / "base.nemo", corpus=data.corpus, tokenizer_model=data.tokenizer_model, spec=spec)
+    return base, work / "data", work
+
+
+def torchrun(script: Path, nproc: int, args: list[str], log: Path) -> subprocess.CompletedProcess:
+    """Launch `script` under torchrun on loopback with a fresh port; output goes to `log`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONWARNINGS"] = "ignore"
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={random.randint(20000, 40000)}", str(script), *args]
+    with open(log, "w") as out:
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=900)
+
+
+def run_driver(dist_base, name: str, nproc: int, *args: str) -> dict:
+    base, data, work = dist_base
+    out, log = work / f"{name}.pt", work / f"{name}.log"
+    if not out.exists():
+        result = torchrun(DRIVER, nproc, ["--base", str(base), "--data", str(data), "--out", str(out), *args], log)
+        assert result.returncode == 0, f"{name} failed, see {log}:\n" + "".join(log.read_text().splitlines(True)[-30:])
+    return torch.load(out)

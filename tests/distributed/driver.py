@@ -1,0 +1,103 @@
+"""One fine-tuning run of the tiny base under torchrun (gloo on CPU), recording what the equivalence tests compare.
+
+    torchrun --nproc_per_node=N tests/distributed/driver.py --base B --data D --out O.pt --tp 2 --pp 1 ...
+
+Runs the project's finetuning YAML through nemo_tiedlora.nemo.finetune (the code behind the entry script) with a
+callback that records, on global rank 0, the loss and NeMo's clipped gradient norm of every step; at the end it
+gathers the adapter state (A, B once, u/v by global layer), checks that every replica is bitwise identical on all
+ranks, and rank 0 saves everything to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--data", required=True, help="folder with train.jsonl and validation.jsonl")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--first-stage-layers", type=int, default=None)
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--optim", default="adam")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--gbs", type=int, default=8)
+    parser.add_argument("--mbs", type=int, default=2)
+    parser.add_argument("--preset", default="tl6")
+    parser.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (nccl)")
+    parser.add_argument("--te", action="store_true", help="TransformerEngine layer spec (GPU)")
+    parser.add_argument("--skip-grad-sum", action="store_true",
+                        help="negative control: disable the TP/PP gradient sums (the equivalence must then fail)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    from lightning.pytorch import Callback
+    from omegaconf import OmegaConf, open_dict
+
+    from nemo_tiedlora.nemo.finetune import build
+    from nemo_tiedlora.nemo.state import gather_adapter_state
+    from nemo_tiedlora.parallel import check_replicas
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = OmegaConf.load(root / "examples/nlp/language_modeling/tuning/conf/megatron_gpt_finetuning_config.yaml")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    with open_dict(cfg):
+        cfg.trainer.update(accelerator=args.accelerator, devices=world, precision=32, max_steps=args.steps, val_check_interval=args.steps,
+                           limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
+                           enable_progress_bar=False, gradient_clip_val=1.0e9)
+        cfg.exp_manager = None
+        cfg.model.update(restore_from_path=args.base, tensor_model_parallel_size=args.tp,
+                         pipeline_model_parallel_size=args.pp, sequence_parallel=args.sp,
+                         global_batch_size=args.gbs, micro_batch_size=args.mbs)
+        if args.te:
+            cfg.model.transformer_engine = True
+        if args.first_stage_layers:
+            cfg.model.num_layers_in_first_pipeline_stage = args.first_stage_layers
+        cfg.model.optim = OmegaConf.create({"name": args.optim, "lr": 5e-3, "weight_decay": 0.0, "betas": [0.9, 0.98]})
+        cfg.model.peft.tiedlora_tuning.preset = args.preset
+        cfg.model.peft.tiedlora_tuning.adapter_dim = 4
+        cfg.model.peft.tiedlora_tuning.check_replicas_every = 2
+        for split, name in (("train_ds", "train.jsonl"), ("validation_ds", "validation.jsonl")):
+            cfg.model.data[split].file_names = [str(Path(args.data) / name)]
+            cfg.model.data[split].max_seq_length = 64
+            cfg.model.data[split].memmap_workers = 1
+            cfg.model.data[split].shuffle = False
+        cfg.model.data.validation_ds.names = ["validation"]
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.losses, self.grad_norms = [], []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            metrics = trainer.callback_metrics
+            self.losses.append(float(metrics["reduced_train_loss"]))
+            self.grad_norms.append(float(metrics["grad_norm"]) if "grad_norm" in metrics else float("nan"))
+
+    if args.skip_grad_sum:
+        import nemo_tiedlora.parallel as parallel
+
+        parallel.reduce_adapter_grads = lambda chunks: None
+
+    recorder = Recorder()
+    trainer, model, _, _ = build(cfg, callbacks=[recorder])
+    trainer.fit(model)
+    from nemo_tiedlora.nemo.peft import _model_chunks
+
+    checked = check_replicas(_model_chunks(model))
+    state = gather_adapter_state(model)
+    if torch.distributed.get_rank() == 0:
+        torch.save({"losses": recorder.losses, "grad_norms": recorder.grad_norms, "state": state,
+                    "replicas_checked": checked}, args.out)
+
+
+if __name__ == "__main__":
+    main()
