@@ -70,7 +70,7 @@ PLACES: tuple[str, ...] = ("park", "house", "farm", "river", "forest", "garden",
 VERBS: tuple[str, ...] = ("runs", "sleeps", "eats", "jumps", "sits", "walks", "swims", "plays")
 SIZES: tuple[str, ...] = ("big", "small")
 FUNCTION_WORDS: tuple[str, ...] = (
-    "the", "a", "is", "and", "in", "to", "with", "of", "what", "which", "where", "color", "animal",
+    "the", "a", "is", "and", "in", "to", "with", "what", "which", "where", "animal",
     "list", "comes", "after", ".", ",", "?",
 )
 #: Every word the corpus and the task use (punctuation marks are words of their own).
@@ -146,8 +146,8 @@ def _sha256(path: Path) -> str:
 
 
 def _binding_statement(animals: list[str], colors: list[str]) -> str:
-    """``"the dog is red , the cat is blue and the fox is pink ."`` for paired lists (len >= 2)."""
-    clauses = [f"the {animal} is {color}" for animal, color in zip(animals, colors)]
+    """``"the blue cat , the red dog and the pink fox ."`` for paired lists (len >= 2)."""
+    clauses = [f"the {color} {animal}" for animal, color in zip(animals, colors)]
     return " , ".join(clauses[:-1]) + f" and {clauses[-1]} ."
 
 
@@ -175,10 +175,10 @@ def _scene(rng: random.Random) -> str:
 
 
 def _binding_story(rng: random.Random) -> str:
-    """Attributes stated once, then reused: teaches in-context lookup in both directions.
+    """Colored animals introduced once, then mentioned again by their color.
 
-    ``"the cat is ___"`` and ``"the color of the cat is ___"`` look a color up by its animal;
-    ``"the blue ___"`` and ``"the blue animal is the ___"`` look an animal up by its color.
+    ``"the blue cat , the red dog . the blue ___"`` -> ``cat``: the follow-ups are predictable only by
+    finding the color earlier in the line and copying the word after it (an induction-head lookup).
     """
     count = rng.randint(2, TASK_MAX_PAIRS)
     animals, colors = rng.sample(ANIMALS, count), rng.sample(COLORS, count)
@@ -186,31 +186,31 @@ def _binding_story(rng: random.Random) -> str:
     for _ in range(rng.randint(2, 5)):
         index = rng.randrange(count)
         animal, color = animals[index], colors[index]
-        verb, place = rng.choice(VERBS), rng.choice(PLACES)
+        verb, place, size = rng.choice(VERBS), rng.choice(PLACES), rng.choice(SIZES)
         sentences.append(rng.choice((
-            f"the {animal} is {color} .",
-            f"the color of the {animal} is {color} .",
-            f"the {animal} which is {color} {verb} .",
             f"the {color} {animal} {verb} in the {place} .",
-            f"the {color} animal is the {animal} .",
+            f"the {color} {animal} is {size} .",
+            f"the {color} {animal} {verb} .",
+            f"the {animal} is {color} .",
         )))
     return " ".join(sentences)
 
 
 def _word_list(rng: random.Random) -> str:
-    """Lists of vocabulary words and counting."""
-    group = rng.choice((ANIMALS, COLORS, PLACES))
-    items = rng.sample(group, rng.randint(3, 6))
+    """Lists of vocabulary words, mostly said twice (plain copying), and counting."""
+    items = rng.sample(ANIMALS + COLORS + PLACES, rng.randint(4, 8))
     start = rng.randrange(len(NUMBERS) - 3)
     run = NUMBERS[start:start + rng.randint(3, len(NUMBERS) - start)]
     after = rng.randrange(1, len(NUMBERS))
-    return rng.choice((
-        " ".join(items) + " .",
-        " ".join(items) + " . " + " ".join(items) + " .",
-        "the list is " + " , ".join(items[:-1]) + f" and {items[-1]} .",
-        " ".join(run) + " .",
-        f"{NUMBERS[after]} comes after {NUMBERS[after - 1]} .",
-    ))
+    return rng.choices(
+        (
+            " ".join(items) + " . " + " ".join(items) + " .",
+            "the list is " + " , ".join(items[:-1]) + f" and {items[-1]} . " + " ".join(items) + " .",
+            " ".join(run) + " .",
+            f"{NUMBERS[after]} comes after {NUMBERS[after - 1]} .",
+        ),
+        weights=(0.5, 0.3, 0.1, 0.1),
+    )[0]
 
 
 def _where(rng: random.Random) -> str:
@@ -220,9 +220,9 @@ def _where(rng: random.Random) -> str:
 
 
 _DOCUMENT_KINDS: tuple[tuple[Callable[[random.Random], str], float], ...] = (
-    (_scene, 0.2),
-    (_binding_story, 0.55),
-    (_word_list, 0.15),
+    (_scene, 0.15),
+    (_binding_story, 0.45),
+    (_word_list, 0.3),
     (_where, 0.1),
 )
 
@@ -298,15 +298,11 @@ def build_tokenizer(corpus: Path, out_dir: Path, *, vocab_size: int = 256) -> Pa
 
 
 def _task_item(rng: random.Random) -> tuple[str, str, str]:
-    """``(statement, question, answer)``: a lookup by animal or by color in a fresh statement."""
+    """``(statement, question, answer)``: which of the statement's animals has the asked color."""
     count = rng.randint(TASK_MIN_PAIRS, TASK_MAX_PAIRS)
     animals, colors = rng.sample(ANIMALS, count), rng.sample(COLORS, count)
     index = rng.randrange(count)
-    if rng.random() < 0.5:
-        question, answer = f"what color is the {animals[index]} ?", colors[index]
-    else:
-        question, answer = f"which animal is {colors[index]} ?", animals[index]
-    return _binding_statement(animals, colors), question, answer
+    return _binding_statement(animals, colors), f"which animal is {colors[index]} ?", animals[index]
 
 
 def build_task(
@@ -349,19 +345,19 @@ def build_task(
 
 
 def _normalize(text: str) -> list[str]:
-    """Lower-case words with surrounding punctuation removed (bare punctuation words dropped)."""
-    words = (word.strip(_PUNCTUATION) for word in text.lower().split())
-    return [word for word in words if word]
+    """Lower-case whitespace-separated words, each stripped of surrounding punctuation."""
+    return [word.strip(_PUNCTUATION) for word in text.lower().split()]
 
 
 def exact_match(prediction: str, reference: str) -> bool:
     """Whether the first word of ``prediction`` equals ``reference``, ignoring case and whitespace.
 
-    Punctuation around words is ignored, so ``"Blue ."``, ``" blue"`` and ``"blue. the dog"`` all match
-    ``"blue"``. An empty prediction or reference never matches.
+    Punctuation attached to either end of a word is ignored, so ``"Blue ."``, ``" blue"`` and
+    ``"blue. the dog"`` all match ``"blue"``; ``". blue"`` does not (its first word is ``"."``). An empty
+    prediction or reference never matches.
     """
-    predicted, expected = _normalize(prediction), _normalize(reference)
-    return bool(predicted) and bool(expected) and predicted[:1] == [" ".join(expected)]
+    predicted, expected = _normalize(prediction), " ".join(_normalize(reference))
+    return bool(predicted) and bool(expected) and predicted[0] == expected
 
 
 def score(predictions: list[str], references: list[str]) -> float:

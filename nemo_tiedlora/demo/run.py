@@ -110,10 +110,9 @@ def finetune(*, base: Path, data, work: Path, settings: DemoSettings) -> Path:
         *_data_overrides(data, settings),
     ]
     _run(args, log=work / f"{name}.finetune.log", title=f"fine-tune {settings.preset} (rank {settings.rank})")
-    checkpoints = exp_dir / name / "checkpoints"
-    adapters = sorted(checkpoints.glob("*.nemo"), key=os.path.getmtime)
+    adapters = sorted((exp_dir / name).rglob("checkpoints/*.nemo"), key=os.path.getmtime)
     if not adapters:
-        raise RuntimeError(f"fine-tuning wrote no adapter .nemo under {checkpoints}")
+        raise RuntimeError(f"fine-tuning wrote no adapter .nemo under {exp_dir / name}")
     return adapters[-1]
 
 

@@ -245,7 +245,9 @@ def ensure_process_groups(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if world_size == 1 and "MASTER_PORT" not in os.environ:
             # A private port, not exported: child processes (e.g. a script this one launches) must not inherit it.
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            from nemo_tiedlora.nemo.launch import free_port
+
+            init_method = f"tcp://127.0.0.1:{free_port()}"
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
@@ -259,14 +261,18 @@ def ensure_process_groups(
             context_parallel_size=context_parallel_size,
         )
         model_parallel_cuda_manual_seed(seed)
+        # NLPDDPStrategy.setup_distributed skips NeMo's init_model_parallel once the groups exist, and with it
+        # the AppState fields it fills in; checkpoint saving reads them (data_parallel_rank == 0 saves).
+        from nemo.utils import AppState
+
+        app_state = AppState()
+        app_state.tensor_model_parallel_group = parallel_state.get_tensor_model_parallel_group()
+        app_state.data_parallel_group = parallel_state.get_data_parallel_group()
+        app_state.data_parallel_rank = parallel_state.get_data_parallel_rank()
+        app_state.data_parallel_size = parallel_state.get_data_parallel_world_size()
+        app_state.pipeline_model_parallel_group = parallel_state.get_pipeline_model_parallel_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------

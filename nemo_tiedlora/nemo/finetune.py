@@ -19,7 +19,9 @@ logger = logging.getLogger("nemo_tiedlora")
 def _prepare(cfg: DictConfig) -> None:
     """Fixes and registration first; then settings a CPU run needs (NeMo's defaults assume CUDA + apex)."""
     from nemo_tiedlora.nemo import compat, setup
+    from nemo_tiedlora.nemo.launch import relaunch_under_torchrun_if_needed
 
+    relaunch_under_torchrun_if_needed(cfg.trainer)
     setup()
     if cfg.model.get("optim", {}).get("name") == "mcore_distributed_optim":
         compat.apply(on_demand=("cpu-distributed-optimizer-type-checks",))

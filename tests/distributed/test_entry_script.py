@@ -1,0 +1,70 @@
+"""The NeMo entry script end to end with more than one process: `trainer.devices=2` on CPU (relaunched under
+torchrun), TP=2, against the same command at TP=1. Compared: the adapter .nemo each run writes (NeMo's PEFT
+archive: one model_weights.ckpt per TP rank, each must hold the TP=1 tensors)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+SCRIPT = REPO / "examples/nlp/language_modeling/tuning/megatron_gpt_finetuning.py"
+
+
+def _finetune(base, data, work: Path, name: str, tp: int) -> Path:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, str(SCRIPT), f"model.restore_from_path={base}", "trainer.accelerator=cpu",
+        f"trainer.devices={tp}", f"model.tensor_model_parallel_size={tp}", "trainer.max_steps=4",
+        "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=False",
+        "model.global_batch_size=4", "model.micro_batch_size=2", "model.optim.lr=5e-3",
+        "model.optim.sched.warmup_steps=0", "model.peft.tiedlora_tuning.adapter_dim=4",
+        f"model.data.train_ds.file_names=[{data / 'train.jsonl'}]",
+        f"model.data.validation_ds.file_names=[{data / 'validation.jsonl'}]",
+        "model.data.validation_ds.names=[validation]", "model.data.train_ds.max_seq_length=64",
+        "model.data.validation_ds.max_seq_length=64", "model.data.train_ds.memmap_workers=1",
+        f"exp_manager.exp_dir={work}", f"name={name}", "exp_manager.resume_if_exists=False",
+    ]
+    log = work / f"{name}.log"
+    with open(log, "w") as out:
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=900)
+    assert result.returncode == 0, "".join(log.read_text().splitlines(True)[-30:])
+    archives = sorted((work / name).rglob("checkpoints/*.nemo"))
+    assert archives, f"no adapter .nemo written by {name}"
+    return archives[-1]
+
+
+def _weights(archive: Path) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith("model_weights.ckpt"):
+                data = tar.extractfile(member).read()
+                out[member.name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return out
+
+
+def test_entry_script_tp2_equals_tp1(dist_base):
+    base, data, work = dist_base
+    tp1 = _weights(_finetune(base, data, work, "script_tp1", 1))
+    tp2 = _weights(_finetune(base, data, work, "script_tp2", 2))
+    assert len(tp1) == 1 and len(tp2) == 2  # one state per TP rank
+    (reference,) = tp1.values()
+    assert any(key.endswith("lora_b") for key in reference)
+    for rank_state in tp2.values():
+        assert sorted(rank_state) == sorted(reference)
+        for key, tensor in reference.items():
+            torch.testing.assert_close(rank_state[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    assert float(reference[next(k for k in reference if k.endswith("lora_b"))].abs().sum()) > 0
