@@ -18,6 +18,8 @@ but the one of chunk 0 on PP stage 0 is tagged ``shared`` (skipped by ``param_is
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -37,13 +39,29 @@ def _grad(param: nn.Parameter) -> Optional[torch.Tensor]:
     return grad if grad is not None else param.grad
 
 
+@dataclass
+class ReductionStats:
+    """What the adapter's extra gradient reductions cost on this rank (for benchmarks; reset freely)."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+STATS = ReductionStats()
+
+
 def _all_reduce(tensors: Sequence[torch.Tensor], group) -> None:
     if not tensors:
         return
+    started = time.perf_counter()
     flat = torch._utils._flatten_dense_tensors(list(tensors))
     dist.all_reduce(flat, group=group)
     for tensor, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, list(tensors))):
         tensor.copy_(synced)
+    STATS.calls += 1
+    STATS.bytes += flat.numel() * flat.element_size()
+    STATS.seconds += time.perf_counter() - started
 
 
 def _grads_or_zeros(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:

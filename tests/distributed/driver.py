@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -75,9 +76,13 @@ def main() -> None:
 
     class Recorder(Callback):
         def __init__(self):
-            self.losses, self.grad_norms = [], []
+            self.losses, self.grad_norms, self.step_seconds = [], [], []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.started = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.step_seconds.append(time.perf_counter() - self.started)
             metrics = trainer.callback_metrics
             self.losses.append(float(metrics["reduced_train_loss"]))
             self.grad_norms.append(float(metrics["grad_norm"]) if "grad_norm" in metrics else float("nan"))
@@ -94,9 +99,12 @@ def main() -> None:
 
     checked = check_replicas(_model_chunks(model))
     state = gather_adapter_state(model)
+    from nemo_tiedlora.parallel import STATS
+
     if torch.distributed.get_rank() == 0:
         torch.save({"losses": recorder.losses, "grad_norms": recorder.grad_norms, "state": state,
-                    "replicas_checked": checked}, args.out)
+                    "replicas_checked": checked, "step_seconds": recorder.step_seconds,
+                    "reduction": {"calls": STATS.calls, "bytes": STATS.bytes, "seconds": STATS.seconds}}, args.out)
 
 
 if __name__ == "__main__":

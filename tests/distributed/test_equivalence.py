@@ -9,8 +9,8 @@ NeMo's gradient norm (clipping counts replicated tensors once), the final adapte
 from __future__ import annotations
 
 import pytest
-import torch
 
+from tests.distributed.compare import assert_equivalent
 from tests.distributed.conftest import run_driver
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -34,18 +34,9 @@ def reference(dist_base):
 def test_matches_tp1(name, dist_base, reference):
     nproc, args = RUNS[name]
     run = run_driver(dist_base, name, nproc, *args)
-    assert len(run["losses"]) == len(reference["losses"]) == 5
-    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
-    if "distributed_optimizer" not in name:  # NeMo logs grad_norm only on the plain-optimizer path
-        torch.testing.assert_close(torch.tensor(run["grad_norms"]), torch.tensor(reference["grad_norms"]),
-                                   rtol=1e-5, atol=0)
-    assert sorted(run["state"]) == sorted(reference["state"])
+    # NeMo logs grad_norm only on the plain-optimizer path
+    assert_equivalent(run, reference, check_grad_norm="distributed_optimizer" not in name)
     assert {"A", "B", "layers.4.u", "layers.4.v"} <= set(run["state"])
-    for key, tensor in reference["state"].items():
-        torch.testing.assert_close(run["state"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
-    assert run["replicas_checked"] > 0
-    # the adapter actually trained: the final state is not the initial one (B starts at zero for tl6)
-    assert reference["state"]["B"].abs().sum() > 0
 
 
 def test_without_the_gradient_sums_replicas_drift_and_the_check_fails(dist_base):

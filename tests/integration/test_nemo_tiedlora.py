@@ -227,3 +227,28 @@ def test_bad_config_fails_before_training(tuning, words, tiny, tmp_path):
         TiedLoraPEFTConfig(model_cfg)
     message = str(error.value).lower()
     assert all(word.lower() in message for word in words), message
+
+
+@pytest.mark.parametrize(
+    "model_overrides, words",
+    [
+        (dict(tensor_model_parallel_size=4), ["tensor_model_parallel_size=4", "num_query_groups=2", "[1, 2]"]),
+        (dict(pipeline_model_parallel_size=3), ["pipeline_model_parallel_size=3", "num_layers=2"]),
+        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), ["virtual_pipeline", "divide"]),
+        (dict(tensor_model_parallel_size=2, megatron_amp_O2=True), ["megatron_amp_o2", "mcore_distributed_optim"]),
+    ],
+)
+def test_impossible_parallel_layout_is_refused_up_front(model_overrides, words, tiny, tmp_path):
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
+
+    from nemo_tiedlora.errors import TiedLoraConfigError
+    from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
+
+    base, data, _ = tiny
+    cfg = finetune_cfg(base, data, tmp_path)
+    model_cfg = MegatronGPTSFTModel.merge_cfg_with(str(base), cfg)
+    model_cfg.update(model_overrides)
+    with pytest.raises(TiedLoraConfigError) as error:
+        TiedLoraPEFTConfig(model_cfg)
+    message = str(error.value).lower()
+    assert all(word.lower() in message for word in words), message
