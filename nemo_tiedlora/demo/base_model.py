@@ -191,7 +191,8 @@ def build_base_model(
     windows = _token_windows(corpus, tokenizer_model, spec.seq_length)
     generator = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
+    warmup = max(0.1, 3 / spec.steps)  # OneCycleLR needs at least two warm-up steps
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.lr, total_steps=spec.steps, pct_start=warmup)
     positions = torch.arange(spec.seq_length).unsqueeze(0).expand(spec.batch_size, -1)
     gpt.train()
     loss_value = float("nan")

@@ -191,7 +191,6 @@ def _binding_story(rng: random.Random) -> str:
             f"the {color} {animal} {verb} in the {place} .",
             f"the {color} {animal} is {size} .",
             f"the {color} {animal} {verb} .",
-            f"the {animal} is {color} .",
         )))
     return " ".join(sentences)
 
@@ -209,7 +208,7 @@ def _word_list(rng: random.Random) -> str:
             " ".join(run) + " .",
             f"{NUMBERS[after]} comes after {NUMBERS[after - 1]} .",
         ),
-        weights=(0.5, 0.3, 0.1, 0.1),
+        weights=(0.7, 0.2, 0.05, 0.05),
     )[0]
 
 
@@ -220,10 +219,10 @@ def _where(rng: random.Random) -> str:
 
 
 _DOCUMENT_KINDS: tuple[tuple[Callable[[random.Random], str], float], ...] = (
-    (_scene, 0.15),
+    (_scene, 0.1),
     (_binding_story, 0.45),
-    (_word_list, 0.3),
-    (_where, 0.1),
+    (_word_list, 0.4),
+    (_where, 0.05),
 )
 
 

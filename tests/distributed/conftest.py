@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from nemo_tiedlora.nemo.launch import free_port
 
 DRIVER = Path(__file__).with_name("driver.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +36,7 @@ def torchrun(script: Path, nproc: int, args: list[str], log: Path) -> subprocess
     env["PYTHONWARNINGS"] = "ignore"
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={random.randint(20000, 40000)}", str(script), *args]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args]
     with open(log, "w") as out:
         return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=900)
 
