@@ -98,7 +98,13 @@ def evaluate(cfg: DictConfig) -> Any:
     _prepare(cfg)
     trainer = _build_trainer(cfg)
     adapter = cfg.model.peft.get("restore_from_path")
-    model_cfg = MegatronGPTSFTModel.merge_inference_cfg(adapter or cfg.model.restore_from_path, cfg)
+    from nemo_tiedlora.checkpoint import is_tiedlora_archive
+
+    # A Tied-LoRA archive is TP/PP-independent: take the inference config from the base (NeMo would insist that the
+    # adapter's training TP/PP equal the evaluation's).
+    tiedlora = bool(adapter) and is_tiedlora_archive(Path(adapter))
+    config_source = cfg.model.restore_from_path if (tiedlora or not adapter) else adapter
+    model_cfg = MegatronGPTSFTModel.merge_inference_cfg(config_source, cfg)
     model = MegatronGPTSFTModel.restore_from(cfg.model.restore_from_path, model_cfg, trainer=trainer)
     if adapter:
         model.load_adapters(adapter)

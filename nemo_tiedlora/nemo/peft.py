@@ -51,17 +51,18 @@ def model_shape(model_cfg: Any) -> dict[str, int]:
 class TiedLoraPEFTConfig(PEFTConfig):
     """`model.peft.peft_scheme=tiedlora`, configured by `model.peft.tiedlora_tuning` (validated once, here)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, *, tiedlora: TiedLoraConfig | None = None) -> None:
+        """`cfg` is the NeMo model config; `tiedlora` (e.g. from an adapter archive) replaces its tiedlora_tuning."""
         peft = cfg.get("peft", None)
         tuning = peft.get(TUNING_KEY, None) if peft is not None else None
-        if tuning is None:
+        if tuning is None and tiedlora is None:
             raise TiedLoraConfigError(
-                f"model.peft.{TUNING_KEY} is missing: add the section (see conf/tiedlora_tuning.yaml) or "
+                f"model.peft.{TUNING_KEY} is missing: add the section (see the finetuning YAML) or "
                 f"override e.g. +model.peft.{TUNING_KEY}.preset=tl6"
             )
-        tuning = OmegaConf.to_container(tuning, resolve=True) if OmegaConf.is_config(tuning) else dict(tuning)
+        tuning = OmegaConf.to_container(tuning, resolve=True) if OmegaConf.is_config(tuning) else dict(tuning or {})
         self.check_replicas_every = int(tuning.pop("check_replicas_every", 0) or 0)
-        self.tiedlora = TiedLoraConfig.from_nemo(tuning)
+        self.tiedlora = tiedlora if tiedlora is not None else TiedLoraConfig.from_nemo(tuning)
         self.shape = model_shape(cfg)
         check_parallel_layout(cfg, self.shape)
         self.tiedlora.validate_for_model(
@@ -187,6 +188,7 @@ def add_adapter(self: NLPAdapterModelMixin, peft_cfgs: Any) -> None:
         from nemo_tiedlora.parallel import tag_for_clipping
 
         tag_for_clipping(_model_chunks(self))
+        self._tiedlora_peft_cfg = tied_cfgs[0]
         self._tiedlora_check_every = tied_cfgs[0].check_replicas_every
         self._tiedlora_steps = 0
         _OWNERS[id(_model_chunks(self)[0])] = self
@@ -259,6 +261,9 @@ def register() -> None:
     nemo_peft_config.TiedLoraPEFTConfig = TiedLoraPEFTConfig
     if NLPAdapterModelMixin.add_adapter is not add_adapter:
         NLPAdapterModelMixin.add_adapter = add_adapter
+    from nemo_tiedlora.nemo import adapter_io
+
+    adapter_io.install()
     # Plain optimizers: NeMo's training_step calls allreduce_gradients (DP all-reduce) after the pipeline.
     if not getattr(MegatronBaseModel.allreduce_gradients, "_nemo_tiedlora", False):
         MegatronBaseModel.allreduce_gradients = _wrap_allreduce_gradients(MegatronBaseModel.allreduce_gradients)

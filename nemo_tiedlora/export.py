@@ -1,0 +1,463 @@
+"""Export to Hugging Face: a Tied-LoRA adapter as plain per-layer LoRA (PEFT format), the base as LlamaForCausalLM.
+
+Pure state-dict transforms plus atomic file writers; no NeMo or Megatron import (scripts do the I/O around them).
+
+Adapter (spec sections 1, 4, 6). Every configuration is a per-layer rank-r LoRA on the fused QKV linear,
+
+    A_l = diag(u_l) A   [r, d]        B_l = s * diag(v_l) B   [out, r]        (s = alpha / r folded into B_l)
+
+so the export is lossless. Megatron's fused output rows are interleaved by query group (for each group g: the
+group's query heads, k_g, v_g, each head_dim rows); HF's ``q_proj``/``k_proj``/``v_proj`` take the de-interleaved
+rows of B_l and all three share A_l. PEFT computes ``lora_B(lora_A(x)) * lora_alpha / r``, so ``lora_alpha = r``.
+
+Base. megatron-core's GPT with RMSNorm, SwiGLU, RoPE and no biases is LlamaForCausalLM with renamed keys:
+``linear_qkv`` is de-interleaved into q/k/v, ``linear_fc1`` ``[2 * ffn, d]`` is ``[gate; up]``. The conventions
+agree without further permutation (read in megatron-core 0.13 and transformers 4.51):
+
+- RoPE: megatron with ``rotary_interleaved=False`` (NeMo's default) rotates halves, ``cat(-x2, x1)``, with
+  ``inv_freq = 1 / base^(arange(0, hd, 2) / hd)`` and ``emb = cat(freqs, freqs)``: exactly HF's ``rotate_half``.
+  The interleaved (GPT-J) layout would need a per-head row permutation of q and k and is refused.
+- RMSNorm: ``x * rsqrt(mean(x^2) + eps) * weight`` in both (torch.nn.RMSNorm / apex / TE; HF ``LlamaRMSNorm``),
+  no zero-centered gamma (NeMo forces ``layernorm_zero_centered_gamma=False``).
+- Attention: softmax scale ``1 / sqrt(head_dim)``, causal; SwiGLU ``silu(gate) * up`` in both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from nemo_tiedlora.config import TiedLoraConfig
+from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
+from nemo_tiedlora.functional import per_layer_lora_factors
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+HF_CONFIG_NAME = "config.json"
+HF_WEIGHTS_NAME = "model.safetensors"
+HF_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+_PEFT_PREFIX = "base_model.model.model.layers"  # PeftModel(LlamaForCausalLM): .base_model.model.model.layers
+
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(A|B|u|v)$")
+
+
+# Fused QKV layout -----------------------------------------------------------------------------------------------
+
+
+def split_fused_qkv(
+    rows: Tensor, *, num_attention_heads: int, num_query_groups: int, head_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """De-interleave the rows of Megatron's fused QKV output into (q, k, v).
+
+    ``rows [ng * (np/ng + 2) * hn, ...]`` is grouped as, for each query group g,
+    ``[q heads g*np/ng .. (g+1)*np/ng - 1, k_g, v_g]`` (each ``hn`` rows). Returns views or copies
+    ``q [np * hn, ...]``, ``k [ng * hn, ...]``, ``v [ng * hn, ...]``: works for a weight ``[out, d]``, a LoRA B
+    ``[out, r]`` or a vector ``[out]``.
+    """
+    heads, groups, hd = num_attention_heads, num_query_groups, head_dim
+    if heads <= 0 or groups <= 0 or hd <= 0 or heads % groups:
+        raise TiedLoraConfigError(
+            f"split_fused_qkv: num_attention_heads={heads}, num_query_groups={groups}, head_dim={hd} is not a valid "
+            f"attention shape: all must be positive and the groups must divide the heads"
+        )
+    per_group = heads // groups
+    width = groups * (per_group + 2) * hd
+    if rows.dim() == 0 or rows.shape[0] != width:
+        raise TiedLoraCheckpointError(
+            f"split_fused_qkv: expected {width} fused QKV rows ({groups} groups x ({per_group} query + 1 key + 1 value "
+            f"heads) x head_dim {hd}), got shape {tuple(rows.shape)}: pass the full (TP=1) tensor of this model"
+        )
+    rest = rows.shape[1:]
+    grouped = rows.reshape(groups, per_group + 2, hd, *rest)  # [ng, np/ng + 2, hn, ...]
+    q = grouped[:, :per_group].reshape(heads * hd, *rest)  # [np * hn, ...]
+    k = grouped[:, per_group].reshape(groups * hd, *rest)  # [ng * hn, ...]
+    v = grouped[:, per_group + 1].reshape(groups * hd, *rest)  # [ng * hn, ...]
+    return q, k, v
+
+
+# Adapter -> per-layer LoRA -> HF PEFT -------------------------------------------------------------------------
+
+
+def per_layer_lora(state: Mapping[str, Tensor], cfg: TiedLoraConfig) -> dict[int, tuple[Tensor, Tensor]]:
+    """``{n: (A_l [r, d], B_l [out, r])}`` for every layer n (1-based, global) in the logical adapter state.
+
+    ``state`` holds 'A', 'B' (tied) or 'layers.<n>.A', 'layers.<n>.B' (untied), and 'layers.<n>.u', 'layers.<n>.v'
+    (see ``nemo_tiedlora.nemo.state``). ``A_l = diag(u_l) A``, ``B_l = s diag(v_l) B`` with ``s = cfg.scale``,
+    computed in float32 and returned in the state's dtype. Every missing, unknown or misshapen key is reported in
+    one :class:`TiedLoraCheckpointError`.
+    """
+    tied, r = cfg.flags.tied, cfg.rank
+    layers = sorted({int(m.group(1)) for key in state if (m := _LAYER_KEY.match(key))})
+    problems: list[str] = []
+    unknown = sorted(key for key in state if key not in ("A", "B") and not _LAYER_KEY.match(key))
+    if unknown:
+        problems.append(f"unknown keys {unknown}")
+    own_ab = sorted(key for key in state if _LAYER_KEY.match(key) and key.rsplit(".", 1)[1] in ("A", "B"))
+    if tied and own_ab:
+        problems.append(f"per-layer {own_ab} in a tied configuration (is this an untied adapter, e.g. preset lora?)")
+    if not tied and any(key in state for key in ("A", "B")):
+        problems.append("shared 'A'/'B' in an untied configuration (is this a tied adapter?)")
+    if not layers:
+        problems.append("no 'layers.<n>.u' / 'layers.<n>.v' keys")
+    required = [key for key in ("A", "B") if tied] + [
+        f"layers.{n}.{factor}" for n in layers for factor in (("u", "v") if tied else ("A", "B", "u", "v"))
+    ]
+    missing = [key for key in required if key not in state]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if problems:
+        raise TiedLoraCheckpointError(
+            "cannot read the Tied-LoRA adapter state: " + "; ".join(problems) + ". Pass the logical state of "
+            "nemo_tiedlora.nemo.state.gather_adapter_state with the config the adapter was trained with"
+        )
+
+    result: dict[int, tuple[Tensor, Tensor]] = {}
+    for n in layers:
+        a = state["A" if tied else f"layers.{n}.A"]  # [r, d]
+        b = state["B" if tied else f"layers.{n}.B"]  # [out, r]
+        u, v = state[f"layers.{n}.u"], state[f"layers.{n}.v"]  # [r], [out]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r or u.shape != (r,) or v.shape != (
+            b.shape[0],
+        ):
+            problems.append(
+                f"layer {n}: A {tuple(a.shape)}, B {tuple(b.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)} "
+                f"(expected A [{r}, d], B [out, {r}], u [{r}], v [out])"
+            )
+            continue
+        dtype = a.dtype
+        a_l, b_l = per_layer_lora_factors(a.float(), b.float(), u.float(), v.float(), cfg.scale)
+        result[n] = (a_l.to(dtype), b_l.to(dtype))
+    if problems:
+        raise TiedLoraCheckpointError(
+            f"adapter tensors do not match rank {r}: " + "; ".join(problems) + ": load the config the adapter was "
+            "saved with"
+        )
+    return result
+
+
+def hf_peft_adapter(
+    state: Mapping[str, Tensor],
+    cfg: TiedLoraConfig,
+    shape: Mapping[str, int],
+    *,
+    base_model_name_or_path: Optional[str] = None,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(``adapter_config.json`` contents, tensors) of the adapter as HF PEFT LoRA for ``LlamaForCausalLM``.
+
+    ``shape`` is ``nemo_tiedlora.nemo.peft.model_shape(model_cfg)`` (hidden_size, num_layers, num_attention_heads,
+    num_query_groups, kv_channels, out_features). Layer n becomes HF layer ``n - 1``; only adapted layers
+    (``cfg.layer_selection``) appear, and PEFT is told so with ``layers_to_transform``. Per layer,
+    ``lora_A`` of q/k/v is ``A_l`` and ``lora_B`` of q/k/v are the de-interleaved rows of ``B_l``; ``lora_alpha = r``
+    because ``s`` is folded into ``B_l``. Every tensor owns its storage (safetensors refuses shared ones).
+    """
+    cfg.validate_for_model(
+        hidden_size=int(shape["hidden_size"]), num_layers=int(shape["num_layers"]), out_features=int(shape["out_features"])
+    )
+    expected = list(cfg.layer_selection or range(1, int(shape["num_layers"]) + 1))
+    factors = per_layer_lora(state, cfg)
+    if sorted(factors) != sorted(expected):
+        raise TiedLoraCheckpointError(
+            f"the adapter state has layers {sorted(factors)} but the config adapts layers {sorted(expected)}: export "
+            f"the whole model's state (gather_adapter_state collects the layers of every pipeline stage)"
+        )
+    d, out = int(shape["hidden_size"]), int(shape["out_features"])
+    heads = dict(
+        num_attention_heads=int(shape["num_attention_heads"]),
+        num_query_groups=int(shape["num_query_groups"]),
+        head_dim=int(shape["kv_channels"]),
+    )
+    tensors: dict[str, Tensor] = {}
+    for n in sorted(factors):
+        a_l, b_l = factors[n]  # [r, d], [out, r]
+        if a_l.shape[1] != d or b_l.shape[0] != out:
+            raise TiedLoraCheckpointError(
+                f"layer {n}: A_l {tuple(a_l.shape)} and B_l {tuple(b_l.shape)} do not fit the model (hidden size {d}, "
+                f"fused QKV width {out}): export with the shape of the base the adapter was trained on"
+            )
+        prefix = f"{_PEFT_PREFIX}.{n - 1}.self_attn"
+        for module, b_rows in zip(HF_TARGET_MODULES, split_fused_qkv(b_l, **heads)):  # q [np*hn, r], k, v [ng*hn, r]
+            tensors[f"{prefix}.{module}.lora_A.weight"] = _owned(a_l)
+            tensors[f"{prefix}.{module}.lora_B.weight"] = _owned(b_rows)
+    layers_to_transform = None if cfg.layer_selection is None else [n - 1 for n in sorted(factors)]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.rank,
+        "lora_alpha": cfg.rank,  # s = alpha / r is folded into lora_B, so PEFT's own scaling must be 1
+        "lora_dropout": float(cfg.dropout),
+        "target_modules": list(HF_TARGET_MODULES),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "layers_to_transform": layers_to_transform,
+        "layers_pattern": None if layers_to_transform is None else "layers",
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    return config, tensors
+
+
+def write_hf_peft(
+    out_dir: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, Tensor], *, overwrite: bool = False
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` atomically; return it."""
+    return _write_dir_atomically(
+        out_dir, lambda tmp: _write_pair(tmp, PEFT_CONFIG_NAME, config, PEFT_WEIGHTS_NAME, tensors), overwrite=overwrite
+    )
+
+
+# Base: megatron-core GPT -> LlamaForCausalLM ------------------------------------------------------------------
+
+# NeMo config keys (with NeMo's defaults) whose other values LlamaForCausalLM cannot express.
+_REQUIRED: tuple[tuple[str, Any, Callable[[Any], bool], str], ...] = (
+    ("mcore_gpt", False, lambda v: bool(v), "True (a megatron-core GPT)"),
+    ("normalization", "LayerNorm", lambda v: str(v).lower() == "rmsnorm", "'rmsnorm'"),
+    ("bias", True, lambda v: not v, "False (Llama has no linear biases)"),
+    ("qkv_bias", False, lambda v: not v, "False (Llama has no QKV bias)"),
+    ("activation", "gelu", lambda v: v in ("swiglu", "fast-swiglu"), "'swiglu' or 'fast-swiglu'"),
+    ("openai_gelu", False, lambda v: not v, "False (it overrides the activation)"),
+    ("position_embedding_type", "learned_absolute", lambda v: v == "rope", "'rope'"),
+    ("rotary_percentage", 1.0, lambda v: float(v) == 1.0, "1.0 (Llama rotates the whole head)"),
+    ("rotary_interleaved", False, lambda v: not v, "False (HF Llama rotates halves, not interleaved pairs)"),
+    ("seq_len_interpolation_factor", None, lambda v: v is None, "null (no linear RoPE interpolation)"),
+    ("scale_positional_embedding", False, lambda v: not v, "False (Llama-3.1 RoPE scaling is not exported)"),
+    ("transformer_block_type", "pre_ln", lambda v: v == "pre_ln", "'pre_ln'"),
+    ("normalize_attention_scores", True, lambda v: bool(v), "True (softmax scale 1/sqrt(head_dim))"),
+    ("apply_embedding_scaling", False, lambda v: not v, "False"),
+    ("qk_layernorm", False, lambda v: not v, "False"),
+    ("num_moe_experts", None, lambda v: not v, "null (dense MLP)"),
+    ("multi_latent_attention", False, lambda v: not v, "False"),
+    ("window_size", None, lambda v: v is None, "null (full causal attention)"),
+    ("layernorm_zero_centered_gamma", False, lambda v: not v, "False"),
+)
+
+_SKIPPED_SUFFIXES = ("._extra_state", "rotary_pos_emb.inv_freq")
+
+
+def _check_llama_expressible(model_cfg: Any) -> None:
+    bad = []
+    for key, default, ok, want in _REQUIRED:
+        value = model_cfg.get(key, default)
+        if not ok(value):
+            bad.append(f"{key}={value!r} (needs {want})")
+    softcap = (model_cfg.get("mcore_customization_config", None) or {}).get("final_logit_softcapping", 0)
+    if softcap:
+        bad.append(f"mcore_customization_config.final_logit_softcapping={softcap!r} (needs 0)")
+    if bad:
+        raise TiedLoraConfigError(
+            "the NeMo model cannot be expressed as a Hugging Face LlamaForCausalLM: " + "; ".join(bad) + ". Only "
+            "Llama-style bases (RMSNorm, SwiGLU, RoPE, no biases) are exported"
+        )
+
+
+def _normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Plain megatron GPT keys: wrapper prefixes and adapters dropped, the TiedLoraQKV wrapper read through."""
+    prefix = next((k[: -len("embedding.word_embeddings.weight")] for k in state_dict
+                   if k.endswith("embedding.word_embeddings.weight")), None)
+    if prefix is None:
+        raise TiedLoraCheckpointError(
+            "no 'embedding.word_embeddings.weight' in the state dict: pass model.model.state_dict() of a NeMo GPT "
+            "(TP=1, PP=1)"
+        )
+    plain: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        key = key[len(prefix):]
+        if key.endswith(_SKIPPED_SUFFIXES) or ".adapter_layer." in f".{key}" or not isinstance(value, Tensor):
+            continue  # TE/megatron extra state, and NeMo adapters (AdapterModuleMixin.adapter_layer) incl. tiedlora's
+        plain[key.replace(".linear_qkv.base.", ".linear_qkv.")] = value  # TiedLoraQKV keeps the base as `.base`
+    return plain
+
+
+def nemo_gpt_to_hf_llama(state_dict: Mapping[str, Any], model_cfg: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(HF ``LlamaForCausalLM`` state dict, ``LlamaConfig`` kwargs) of a megatron-core GPT state dict.
+
+    ``state_dict`` is the whole, unsharded (TP=1, PP=1) ``model.model.state_dict()``, as is: a ``model.`` /
+    ``module.`` prefix, ``_extra_state`` entries and NeMo adapter tensors (``adapter_layer``, Tied-LoRA's shared
+    owner included) are skipped, and a Tied-LoRA-wrapped ``linear_qkv.base.weight`` is read as the base
+    ``linear_qkv.weight``, so the base exported is the frozen one without its adapter. Local-spec names
+    (``input_layernorm``, ``pre_mlp_layernorm``) and TransformerEngine fused-norm names (``linear_qkv`` /
+    ``linear_fc1.layer_norm_weight``) are both read. ``model_cfg`` is the NeMo model config (dict or DictConfig);
+    unsupported settings raise :class:`TiedLoraConfigError` naming each key. The vocabulary is the padded one
+    (the embedding's rows), so logits match NeMo's over every row.
+    """
+    _check_llama_expressible(model_cfg)
+    src = _normalize_keys(state_dict)
+    layers = int(model_cfg["num_layers"])
+    hidden, heads = int(model_cfg["hidden_size"]), int(model_cfg["num_attention_heads"])
+    groups = int(model_cfg.get("num_query_groups", None) or heads)
+    head_dim = int(model_cfg.get("kv_channels", None) or hidden // heads)
+    ffn = int(model_cfg["ffn_hidden_size"])
+    tied = bool(model_cfg.get("share_embeddings_and_output_weights", True))
+    embedding = src["embedding.word_embeddings.weight"]  # [padded vocab, d]
+    vocab = int(embedding.shape[0])
+
+    used: set[str] = set()
+    missing: list[str] = []
+    wrong: list[str] = []
+
+    def take(*names: str, shape: tuple[int, ...]) -> Optional[Tensor]:
+        for name in names:
+            if name in src:
+                used.add(name)
+                if tuple(src[name].shape) != shape:
+                    wrong.append(f"{name} {tuple(src[name].shape)} != {shape}")
+                    return None
+                return src[name]
+        missing.append(names[0])
+        return None
+
+    out: dict[str, Tensor] = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight", shape=(vocab, hidden))}
+    qkv_rows = (heads + 2 * groups) * head_dim
+    for i in range(layers):
+        m, h = f"decoder.layers.{i}", f"model.layers.{i}"
+        norm1 = take(f"{m}.input_layernorm.weight", f"{m}.self_attention.linear_qkv.layer_norm_weight", shape=(hidden,))
+        qkv = take(f"{m}.self_attention.linear_qkv.weight", shape=(qkv_rows, hidden))  # [ng (np/ng + 2) hn, d]
+        proj = take(f"{m}.self_attention.linear_proj.weight", shape=(hidden, heads * head_dim))
+        norm2 = take(f"{m}.pre_mlp_layernorm.weight", f"{m}.mlp.linear_fc1.layer_norm_weight", shape=(hidden,))
+        fc1 = take(f"{m}.mlp.linear_fc1.weight", shape=(2 * ffn, hidden))  # [gate; up] = [2 ffn, d]
+        fc2 = take(f"{m}.mlp.linear_fc2.weight", shape=(hidden, ffn))
+        if any(t is None for t in (norm1, qkv, proj, norm2, fc1, fc2)):
+            continue
+        q, k, v = split_fused_qkv(qkv, num_attention_heads=heads, num_query_groups=groups, head_dim=head_dim)
+        gate, up = fc1.chunk(2, dim=0)  # megatron's glu: silu(first half) * second half
+        out.update({
+            f"{h}.input_layernorm.weight": norm1,
+            f"{h}.self_attn.q_proj.weight": q,
+            f"{h}.self_attn.k_proj.weight": k,
+            f"{h}.self_attn.v_proj.weight": v,
+            f"{h}.self_attn.o_proj.weight": proj,
+            f"{h}.post_attention_layernorm.weight": norm2,
+            f"{h}.mlp.gate_proj.weight": gate,
+            f"{h}.mlp.up_proj.weight": up,
+            f"{h}.mlp.down_proj.weight": fc2,
+        })
+    out["model.norm.weight"] = take("decoder.final_layernorm.weight", shape=(hidden,))
+    if not tied:
+        out["lm_head.weight"] = take("output_layer.weight", shape=(vocab, hidden))
+    elif "output_layer.weight" in src:
+        used.add("output_layer.weight")  # a pipeline-stage copy of the tied embedding: not a separate head
+    unused = sorted(set(src) - used)
+    if missing or wrong or unused:
+        detail = "; ".join(
+            part for part in (
+                f"missing {missing}" if missing else "",
+                f"wrong shapes {wrong}" if wrong else "",
+                f"not expressible in LlamaForCausalLM {unused}" if unused else "",
+            ) if part
+        )
+        raise TiedLoraCheckpointError(
+            f"cannot convert the NeMo GPT state dict to LlamaForCausalLM: {detail}. Pass the whole model.model."
+            f"state_dict() of a TP=1, PP=1 model whose config matches it (num_layers={layers}, hidden_size={hidden}, "
+            f"heads={heads}, query groups={groups}, head_dim={head_dim}, ffn_hidden_size={ffn})"
+        )
+    hf_state = {key: _owned(value.detach().cpu()) for key, value in out.items()}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(model_cfg.get("max_position_embeddings", None)
+                                       or model_cfg.get("encoder_seq_length", 2048)),
+        "rms_norm_eps": float(model_cfg.get("layernorm_epsilon", 1e-5)),
+        "rope_theta": float(model_cfg.get("rotary_base", 10000)),
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": tied,
+        "initializer_range": float(model_cfg.get("init_method_std", 0.02)),
+        "torch_dtype": str(embedding.dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    return hf_state, config
+
+
+def write_hf_model(
+    out_dir: str | os.PathLike, state: Mapping[str, Tensor], config: Mapping[str, Any], *, overwrite: bool = False
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (loadable by ``LlamaForCausalLM.from_pretrained``)."""
+    return _write_dir_atomically(
+        out_dir, lambda tmp: _write_pair(tmp, HF_CONFIG_NAME, config, HF_WEIGHTS_NAME, state), overwrite=overwrite
+    )
+
+
+# Files ------------------------------------------------------------------------------------------------------
+
+
+def _owned(tensor: Tensor) -> Tensor:
+    """A contiguous copy with its own storage (safetensors refuses tensors that share memory)."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _write_pair(
+    directory: Path, config_name: str, config: Mapping[str, Any], weights_name: str, tensors: Mapping[str, Tensor]
+) -> None:
+    from safetensors.torch import save_file
+
+    (directory / config_name).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    seen: set[int] = set()
+    plain: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        plain[key] = _owned(tensor) if pointer in seen else tensor
+        seen.add(pointer)
+    save_file(plain, str(directory / weights_name), metadata={"format": "pt"})
+
+
+def _write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool) -> Path:
+    """Write into a temporary directory next to ``out_dir``, then rename it into place.
+
+    An interrupted export never leaves a half-written directory under the final name. An existing ``out_dir`` is
+    refused unless ``overwrite`` (then it is replaced only after the new one is complete).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already exists: choose a new output directory or pass overwrite=True to replace it"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory: remove it or choose another output path")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.old"
+            os.rename(out_dir, old)
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
