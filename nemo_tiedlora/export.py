@@ -160,17 +160,15 @@ def hf_peft_adapter(
     ``lora_A`` of q/k/v is ``A_l`` and ``lora_B`` of q/k/v are the de-interleaved rows of ``B_l``; ``lora_alpha = r``
     because ``s`` is folded into ``B_l``. Every tensor owns its storage (safetensors refuses shared ones).
     """
-    cfg.validate_for_model(
-        hidden_size=int(shape["hidden_size"]), num_layers=int(shape["num_layers"]), out_features=int(shape["out_features"])
-    )
-    expected = list(cfg.layer_selection or range(1, int(shape["num_layers"]) + 1))
+    d, out, num_layers = int(shape["hidden_size"]), int(shape["out_features"]), int(shape["num_layers"])
+    cfg.validate_for_model(hidden_size=d, num_layers=num_layers, out_features=out)
+    expected = list(cfg.layer_selection or range(1, num_layers + 1))
     factors = per_layer_lora(state, cfg)
     if sorted(factors) != sorted(expected):
         raise TiedLoraCheckpointError(
             f"the adapter state has layers {sorted(factors)} but the config adapts layers {sorted(expected)}: export "
             f"the whole model's state (gather_adapter_state collects the layers of every pipeline stage)"
         )
-    d, out = int(shape["hidden_size"]), int(shape["out_features"])
     heads = dict(
         num_attention_heads=int(shape["num_attention_heads"]),
         num_query_groups=int(shape["num_query_groups"]),
@@ -216,9 +214,7 @@ def write_hf_peft(
     out_dir: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, Tensor], *, overwrite: bool = False
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` atomically; return it."""
-    return _write_dir_atomically(
-        out_dir, lambda tmp: _write_pair(tmp, PEFT_CONFIG_NAME, config, PEFT_WEIGHTS_NAME, tensors), overwrite=overwrite
-    )
+    return _write_hf_dir(out_dir, {PEFT_CONFIG_NAME: config}, {PEFT_WEIGHTS_NAME: tensors}, overwrite=overwrite)
 
 
 # Base: megatron-core GPT -> LlamaForCausalLM ------------------------------------------------------------------
@@ -323,7 +319,9 @@ def nemo_gpt_to_hf_llama(state_dict: Mapping[str, Any], model_cfg: Any) -> tuple
         missing.append(names[0])
         return None
 
-    out: dict[str, Tensor] = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight", shape=(vocab, hidden))}
+    out: dict[str, Tensor] = {
+        "model.embed_tokens.weight": take("embedding.word_embeddings.weight", shape=(vocab, hidden)),
+    }
     qkv_rows = (heads + 2 * groups) * head_dim
     for i in range(layers):
         m, h = f"decoder.layers.{i}", f"model.layers.{i}"
@@ -398,10 +396,8 @@ def nemo_gpt_to_hf_llama(state_dict: Mapping[str, Any], model_cfg: Any) -> tuple
 def write_hf_model(
     out_dir: str | os.PathLike, state: Mapping[str, Tensor], config: Mapping[str, Any], *, overwrite: bool = False
 ) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (loadable by ``LlamaForCausalLM.from_pretrained``)."""
-    return _write_dir_atomically(
-        out_dir, lambda tmp: _write_pair(tmp, HF_CONFIG_NAME, config, HF_WEIGHTS_NAME, state), overwrite=overwrite
-    )
+    """Write ``config.json`` and ``model.safetensors`` (for ``LlamaForCausalLM.from_pretrained``) atomically."""
+    return _write_hf_dir(out_dir, {HF_CONFIG_NAME: config}, {HF_WEIGHTS_NAME: state}, overwrite=overwrite)
 
 
 # Files ------------------------------------------------------------------------------------------------------
@@ -412,20 +408,29 @@ def _owned(tensor: Tensor) -> Tensor:
     return tensor.detach().clone(memory_format=torch.contiguous_format)
 
 
-def _write_pair(
-    directory: Path, config_name: str, config: Mapping[str, Any], weights_name: str, tensors: Mapping[str, Tensor]
-) -> None:
-    from safetensors.torch import save_file
+def _write_hf_dir(
+    out_dir: str | os.PathLike,
+    json_files: Mapping[str, Mapping[str, Any]],
+    safetensors_files: Mapping[str, Mapping[str, Tensor]],
+    *,
+    overwrite: bool,
+) -> Path:
+    def write(directory: Path) -> None:
+        from safetensors.torch import save_file
 
-    (directory / config_name).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-    seen: set[int] = set()
-    plain: dict[str, Tensor] = {}
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        plain[key] = _owned(tensor) if pointer in seen else tensor
-        seen.add(pointer)
-    save_file(plain, str(directory / weights_name), metadata={"format": "pt"})
+        for name, content in json_files.items():
+            (directory / name).write_text(json.dumps(dict(content), indent=2, sort_keys=True) + "\n")
+        for name, tensors in safetensors_files.items():
+            seen: set[int] = set()
+            plain: dict[str, Tensor] = {}
+            for key, tensor in tensors.items():
+                tensor = tensor.detach().cpu().contiguous()
+                pointer = tensor.untyped_storage().data_ptr()
+                plain[key] = _owned(tensor) if pointer in seen else tensor  # safetensors refuses shared storage
+                seen.add(pointer)
+            save_file(plain, str(directory / name), metadata={"format": "pt"})
+
+    return _write_dir_atomically(out_dir, write, overwrite=overwrite)
 
 
 def _write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool) -> Path:

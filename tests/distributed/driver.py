@@ -34,6 +34,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--preset", default="tl6")
     parser.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (nccl)")
     parser.add_argument("--te", action="store_true", help="TransformerEngine layer spec (GPU)")
+    parser.add_argument("--save-adapter", help="write the adapter archive here after training")
+    parser.add_argument("--load-adapter", help="start from this adapter archive (model.peft.restore_from_path)")
     parser.add_argument("--skip-grad-sum", action="store_true",
                         help="negative control: disable the TP/PP gradient sums (the equivalence must then fail)")
     return parser.parse_args()
@@ -73,6 +75,7 @@ def main() -> None:
             cfg.model.data[split].memmap_workers = 1
             cfg.model.data[split].shuffle = False
         cfg.model.data.validation_ds.names = ["validation"]
+        cfg.model.peft.restore_from_path = args.load_adapter
 
     class Recorder(Callback):
         def __init__(self):
@@ -94,7 +97,12 @@ def main() -> None:
 
     recorder = Recorder()
     trainer, model, _, _ = build(cfg, callbacks=[recorder])
-    trainer.fit(model)
+    if args.steps > 0:
+        trainer.fit(model)
+    if args.save_adapter:
+        from nemo_tiedlora.nemo.adapter_io import save_adapter
+
+        save_adapter(model, args.save_adapter)
     from nemo_tiedlora.nemo.peft import _model_chunks
 
     checked = check_replicas(_model_chunks(model))

@@ -9,6 +9,7 @@ NeMo's gradient norm (clipping counts replicated tensors once), the final adapte
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.distributed.compare import assert_equivalent
 from tests.distributed.conftest import run_driver
@@ -49,3 +50,22 @@ def test_without_the_gradient_sums_replicas_drift_and_the_check_fails(dist_base)
                                   "--tp", "2", "--skip-grad-sum"], log)
     assert result.returncode != 0
     assert "adapter replica drift" in log.read_text()
+
+
+def test_adapter_archive_loads_at_any_tp_pp(dist_base, reference):
+    """Saved at TP1/PP1, loaded at TP2 x PP2 (4 processes, uneven nothing): every rank's replicas hold the archive's
+    tensors, and saving again from TP2 x PP2 gives the same archive content."""
+    from nemo_tiedlora.checkpoint import load_archive
+
+    _, _, work = dist_base
+    saved = work / "tp1_adapter.nemo"
+    run_driver(dist_base, "tp1_save", 1, "--save-adapter", str(saved))
+    resaved = work / "tp2pp2_adapter.nemo"
+    run = run_driver(dist_base, "tp2pp2_load", 4, "--tp", "2", "--pp", "2", "--steps", "0",
+                     "--load-adapter", str(saved), "--save-adapter", str(resaved))
+    original, again = load_archive(saved), load_archive(resaved)
+    assert sorted(again.tensors) == sorted(original.tensors)
+    for key, tensor in original.tensors.items():
+        assert torch.equal(again.tensors[key], tensor), key
+        assert torch.equal(run["state"][key], tensor), key
+    assert float(original.tensors["B"].abs().sum()) > 0
