@@ -120,7 +120,7 @@ def save_archive(
     if path.exists() and not overwrite:
         raise TiedLoraCheckpointError(f"{path} exists: choose another output path or pass overwrite=True (--overwrite)")
     validate_state(tensors, config, shape)
-    payload = safetensors_save({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())})
+    payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in sorted(tensors.items())})
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, title="commands")
     _add_params(subparsers)
     _add_demo(subparsers)
+    _add_adapter_tools(subparsers)
     _add_compat(subparsers)
     return parser
 
@@ -70,6 +71,57 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adapter_tools(subparsers: argparse._SubParsersAction) -> None:
+    merge = subparsers.add_parser("merge", help="merge an adapter into its base: a standard .nemo (CPU)")
+    merge.add_argument("--base", required=True, help="base .nemo")
+    merge.add_argument("--adapter", required=True, help="Tied-LoRA adapter .nemo")
+    merge.add_argument("--out", required=True, help="merged .nemo to write")
+    merge.add_argument("--tp", type=int, default=1, help="tensor_model_parallel_size recorded in the output")
+    merge.add_argument("--pp", type=int, default=1, help="pipeline_model_parallel_size recorded in the output")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    merge.set_defaults(handler=_run_merge)
+
+    export = subparsers.add_parser("export", help="export an adapter as plain per-layer LoRA (Hugging Face PEFT)")
+    export.add_argument("--adapter", required=True, help="Tied-LoRA adapter .nemo")
+    export.add_argument("--base", required=True, help="the base .nemo it was trained on")
+    export.add_argument("--format", default="hf-peft", choices=["hf-peft"], help="output format")
+    export.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
+    export.add_argument("--base-out", help="also write the base as a Hugging Face Llama checkpoint here")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    export.set_defaults(handler=_run_export)
+
+    inspect = subparsers.add_parser("inspect", help="scheme, flags, rank, counts, sizes, per-layer norms")
+    inspect.add_argument("adapter", help="Tied-LoRA adapter .nemo")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(handler=_run_inspect)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.nemo.tools import merge
+
+    out = merge(base=args.base, adapter=args.adapter, out=args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+    print(f"merged .nemo: {out}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.nemo.tools import export_hf_peft
+
+    written = export_hf_peft(adapter=args.adapter, base=args.base, out=args.out, base_out=args.base_out,
+                             overwrite=args.overwrite)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.nemo.tools import format_inspect, inspect_adapter
+
+    report = inspect_adapter(args.adapter)
+    print(json.dumps(report, indent=2) if args.json else format_inspect(report))
+    return 0
+
+
 def _add_compat(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compat", help="list the NeMo/megatron-core compatibility fixes and which apply on this machine"
@@ -108,6 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (TiedLoraConfigError, TiedLoraCheckpointError) as err:
+    except (TiedLoraConfigError, TiedLoraCheckpointError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return _EXIT_USAGE

@@ -7,5 +7,5 @@ Nothing here imports NeMo or Megatron, and nothing is downloaded:
   (:func:`~nemo_tiedlora.study.tasks.prepare`) and scores predictions with the task's metric. Each task also
   writes a small generated sample in the dataset's format, for tests and the default demo sweep.
 * :mod:`nemo_tiedlora.study.report` turns a sweep's results file into a Table-2-style markdown table and two
-  plots (``python -m nemo_tiedlora report results.csv --out DIR``).
+  plots (``python -m nemo_tiedlora report results.csv --out DIR``), drawn by :mod:`nemo_tiedlora.study.plots`.
 """

@@ -22,13 +22,14 @@ import io
 import json
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nemo_tiedlora.config import PRESETS
 from nemo_tiedlora.study.plots import Panel, metric_vs_params_png, metric_vs_rank_png
+from nemo_tiedlora.study.tasks import TASKS
 from nemo_tiedlora.study.tasks.base import atomic_write_bytes
 
 __all__ = [
@@ -52,6 +53,7 @@ _LORA = "lora"
 _EXIT_USAGE = 2
 
 Key = tuple[str, str, int]  # (task, preset, rank)
+K = TypeVar("K")
 
 
 class ReportError(ValueError):
@@ -175,14 +177,10 @@ def _run(row: Mapping[str, Any]) -> tuple[Run, list[str]]:
 
 
 def _higher_is_better(task: str) -> bool:
-    from nemo_tiedlora.study.tasks import TASKS
-
     return TASKS[task].higher_is_better if task in TASKS else True
 
 
 def _metric_name(task: str, runs: Iterable[Run]) -> str:
-    from nemo_tiedlora.study.tasks import TASKS
-
     named = next((run.metric_name for run in runs if run.task == task and run.metric_name), "")
     return named or (TASKS[task].metric_name if task in TASKS else "metric")
 
@@ -192,15 +190,22 @@ def _better(run: Run, other: Run) -> bool:
     return run.metric > other.metric if _higher_is_better(run.task) else run.metric < other.metric
 
 
+def _best_by(runs: Iterable[Run], key: Callable[[Run], K]) -> dict[K, Run]:
+    """key -> the finished run with the best metric among the runs with that key (the first one on ties)."""
+    best: dict[K, Run] = {}
+    for run in runs:
+        group = key(run)
+        if run.ok and (group not in best or _better(run, best[group])):
+            best[group] = run
+    return best
+
+
 def add_percent_of_best_lora(runs: Sequence[Run]) -> list[Run]:
     """``runs`` with ``percent_of_best_lora`` filled where it is None (kept where the file gave it).
 
     The reference is the task's finished LoRA run with the best metric; without one the value stays None.
     """
-    reference: dict[str, Run] = {}
-    for run in runs:
-        if run.ok and run.preset == _LORA and (run.task not in reference or _better(run, reference[run.task])):
-            reference[run.task] = run
+    reference = _best_by((run for run in runs if run.preset == _LORA), lambda run: run.task)
     filled = []
     for run in runs:
         base = reference.get(run.task)
@@ -212,12 +217,7 @@ def add_percent_of_best_lora(runs: Sequence[Run]) -> list[Run]:
 
 def best_runs(runs: Iterable[Run]) -> dict[Key, Run]:
     """(task, preset, rank) -> the finished run with the best metric over learning rates (first one on ties)."""
-    best: dict[Key, Run] = {}
-    for run in runs:
-        key = (run.task, run.preset, run.rank)
-        if run.ok and (key not in best or _better(run, best[key])):
-            best[key] = run
-    return best
+    return _best_by(runs, lambda run: (run.task, run.preset, run.rank))
 
 
 def _preset_order(presets: Iterable[str]) -> list[str]:
@@ -236,15 +236,11 @@ def _by_task(best: Mapping[Key, Run]) -> dict[str, dict[str, dict[int, Run]]]:
 
 def _task_order(tasks: Iterable[str]) -> list[str]:
     """Registry tasks in the paper's order, then any other task alphabetically."""
-    from nemo_tiedlora.study.tasks import TASKS
-
     known = [task for task in TASKS if task in set(tasks)]
     return known + sorted(set(tasks) - set(known))
 
 
 def _task_title(task: str) -> str:
-    from nemo_tiedlora.study.tasks import TASKS
-
     return f"{task} ({TASKS[task].dataset})" if task in TASKS else task
 
 
@@ -254,7 +250,9 @@ def _task_title(task: str) -> str:
 
 
 def _lr(value: float) -> str:
-    """``1e-4``, ``2.5e-5``: a learning rate as written in configs."""
+    """``1e-4``, ``2.5e-5``: a learning rate as written in configs (``?`` if unknown)."""
+    if not math.isfinite(value):
+        return "?"
     mantissa, exponent = f"{value:.3e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
@@ -273,14 +271,8 @@ def format_table(best: Mapping[Key, Run], *, excluded: Sequence[Run] = (), metri
         direction = "higher" if _higher_is_better(task) else "lower"
         header = "| preset | " + " | ".join(f"r={rank}" for rank in ranks) + " |"
         rule = "|---|" + "---:|" * len(ranks)
-        winners = {}
-        for rank in ranks:
-            candidates = [runs[rank] for runs in presets.values() if rank in runs]
-            top = candidates[0]
-            for run in candidates[1:]:
-                top = run if _better(run, top) else top
-            winners[rank] = top.metric
-        lines += ["", f"## {task}: {metric_names[task]} ({direction} is better)", "", header, rule]
+        winners = _best_by((run for runs in presets.values() for run in runs.values()), lambda run: run.rank)
+        lines += ["", f"## {_task_title(task)}: {metric_names[task]} ({direction} is better)", "", header, rule]
         for preset, runs in presets.items():
             cells = []
             for rank in ranks:
@@ -289,7 +281,7 @@ def format_table(best: Mapping[Key, Run], *, excluded: Sequence[Run] = (), metri
                     cells.append("–")
                     continue
                 value = f"{run.metric:.2f}"
-                value = f"**{value}**" if run.metric == winners[rank] else value
+                value = f"**{value}**" if run.metric == winners[rank].metric else value
                 cells.append(f"{value} ({_percent(run.percent_of_best_lora)})")
             lines.append(f"| {preset} | " + " | ".join(cells) + " |")
         lines += ["", "Learning rate of each cell:", "", header, rule]
@@ -298,13 +290,14 @@ def format_table(best: Mapping[Key, Run], *, excluded: Sequence[Run] = (), metri
             lines.append(f"| {preset} | " + " | ".join(cells) + " |")
     if excluded:
         lines += ["", f"## Runs left out ({len(excluded)}, status not in {', '.join(sorted(OK_STATUSES))})", ""]
-        lines += [f"- {r.task} {r.preset} r={r.rank} lr={r.lr:g}: {r.status or '(no status)'}" for r in excluded]
+        lines += [f"- {r.task} {r.preset} r={r.rank} lr={_lr(r.lr)}: {r.status or '(no status)'}" for r in excluded]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
 # Plots (drawn by nemo_tiedlora.study.plots)
 # --------------------------------------------------------------------------------------------------
+
 
 def _panels(best: Mapping[Key, Run], *, metric_names: Mapping[str, str]) -> list[Panel]:
     """One plot panel per task: preset -> rank -> (trainable parameters, best metric)."""

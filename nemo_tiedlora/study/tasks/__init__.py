@@ -80,6 +80,11 @@ def prepare(
     """
     adapter = get_task(task)
     source = Path(source)
+    if not source.is_dir():
+        raise TaskError(
+            f"{source}: not a folder; prepare() reads every split, so pass the {adapter.dataset} folder holding "
+            + ", ".join(adapter.split_files.values())
+        )
     examples = {split: adapter.load(source, split) for split in SPLITS if split in adapter.split_files}
     if "validation" not in examples:
         train = examples["train"]

@@ -45,7 +45,11 @@ class DialogSumTask(TaskAdapter):
     dataset = "DialogSum"
     metric_name = "ROUGE-L"
     template = "Dialogue:\n{dialogue}\nSummary:"
-    split_files = {"train": "dialogsum.train.jsonl", "validation": "dialogsum.dev.jsonl", "test": "dialogsum.test.jsonl"}
+    split_files = {
+        "train": "dialogsum.train.jsonl",
+        "validation": "dialogsum.dev.jsonl",
+        "test": "dialogsum.test.jsonl",
+    }
     record_format = (
         'DialogSum JSONL {"fname": str, "dialogue": str, "summary": str, "topic": str} '
         '(test files: "summary1", "summary2", "summary3")'
@@ -118,7 +122,10 @@ def _dialogue(rng: random.Random, *, fname: str) -> dict[str, str]:
     return {"fname": fname, "dialogue": dialogue, "summary": summary, "topic": "shopping"}
 
 
-_SYNONYMS = ((("wants to buy", "is looking for"), ("suggests", "recommends")), (("wants to buy", "needs"), (", where", ";")))
+_SYNONYMS = (
+    (("wants to buy", "is looking for"), ("suggests", "recommends")),
+    (("wants to buy", "needs"), (", where", ";")),
+)
 
 
 def _reword(summary: str, variant: int) -> str:

@@ -65,9 +65,8 @@ class Gsm8kTask(TaskAdapter):
             number = gold_number(answer)
             if number is None:
                 raise self.error(where, f"'answer' does not end with '#### <number>': {answer[-60:]!r}")
-            examples.append(
-                Example(id=f"{file.stem}-{index}", fields={"question": question}, target=answer, references=(str(number),))
-            )
+            fields = {"question": question}
+            examples.append(Example(id=f"{file.stem}-{index}", fields=fields, target=answer, references=(str(number),)))
         return examples
 
     def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
@@ -79,8 +78,8 @@ class Gsm8kTask(TaskAdapter):
             answered += number is not None
             hits += number is not None and number == Decimal(example.references[0])
         count = max(len(examples), 1)
-        accuracy = 100.0 * hits / count
-        return {"metric": accuracy, "accuracy": accuracy, "answered": 100.0 * answered / count, "count": float(len(examples))}
+        accuracy, answered_percent = 100.0 * hits / count, 100.0 * answered / count
+        return {"metric": accuracy, "accuracy": accuracy, "answered": answered_percent, "count": float(len(examples))}
 
     def write_sample(self, out_dir: Path, *, seed: int = 0) -> Path:
         """16 train and 4 test generated problems in GSM8K's format (calculator annotations included)."""

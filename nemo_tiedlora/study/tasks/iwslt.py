@@ -92,8 +92,9 @@ class IwsltTask(TaskAdapter):
                 f"{missing[0] if missing else 'order'})",
             )
         return [
-            Example(id=f"{doc}:{seg}", fields={"source": de}, target=english[doc, seg], references=(english[doc, seg],), group=doc)
+            Example(id=f"{doc}:{seg}", fields={"source": de}, target=en, references=(en,), group=doc)
             for (doc, seg), de in german.items()
+            for en in (english[doc, seg],)
         ]
 
     def _segments(self, file: Path) -> dict[tuple[str, str], str]:
@@ -167,7 +168,13 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
 
 
 # (English, German) plural phrases that combine into grammatical sentences: "The {adj} {noun} {verb} {place}."
-_ADJECTIVES = (("small", "kleinen"), ("old", "alten"), ("happy", "glücklichen"), ("tired", "müden"), ("young", "jungen"))
+_ADJECTIVES = (
+    ("small", "kleinen"),
+    ("old", "alten"),
+    ("happy", "glücklichen"),
+    ("tired", "müden"),
+    ("young", "jungen"),
+)
 _NOUNS = (("dogs", "Hunde"), ("cats", "Katzen"), ("children", "Kinder"), ("birds", "Vögel"), ("farmers", "Bauern"))
 _VERBS = (("sleep", "schlafen"), ("sing", "singen"), ("play", "spielen"), ("wait", "warten"), ("laugh", "lachen"))
 _PLACES = (("in the garden", "im Garten"), ("in the house", "im Haus"), ("at the station", "am Bahnhof"))

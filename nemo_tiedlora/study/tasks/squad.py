@@ -77,7 +77,8 @@ class SquadTask(TaskAdapter):
                 where_paragraph = f"{where_article}.paragraphs[{j}]"
                 context = require(paragraph, "context", str, where=where_paragraph, adapter=self)
                 for k, qa in enumerate(require(paragraph, "qas", list, where=where_paragraph, adapter=self)):
-                    examples.append(self._question(qa, context=context, title=title, where=f"{where_paragraph}.qas[{k}]"))
+                    where = f"{where_paragraph}.qas[{k}]"
+                    examples.append(self._question(qa, context=context, title=title, where=where))
         return examples
 
     def _question(self, qa: object, *, context: str, title: str, where: str) -> Example:

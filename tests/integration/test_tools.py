@@ -1,0 +1,97 @@
+"""merge / export / inspect on a real tiny .nemo: merged logits equal the adapter model's (alpha != r)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.integration.conftest import finetune_cfg
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """(base, adapter archive, adapter-model logits, tokens, positions, factors) with random factors, alpha=8, r=4."""
+    from nemo_tiedlora.nemo.adapter_io import save_adapter
+    from nemo_tiedlora.nemo.finetune import build
+    from nemo_tiedlora.nemo.peft import iter_layer_adapters
+
+    base, data, spec = tiny
+    work = tmp_path_factory.mktemp("tools")
+    _, model, _, _ = build(finetune_cfg(base, data, work, preset="tl6", adapter_dim=4, alpha=8))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, adapter in iter_layer_adapters(model):
+            for tensor in adapter.factors:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    tokens = torch.randint(4, 200, (2, spec.seq_length), generator=generator)
+    positions = torch.arange(spec.seq_length).unsqueeze(0).expand(2, -1)
+    model.model.eval()
+    with torch.no_grad():
+        logits = model.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    norms = {n: (float(a.factors[2].norm()), float(a.factors[3].norm())) for n, a in iter_layer_adapters(model)}
+    path = save_adapter(model, work / "adapter.nemo")
+    return base, path, logits, tokens, positions, norms, work
+
+
+def test_merged_nemo_reproduces_adapter_logits(trained):
+    from nemo_tiedlora.nemo.tools import _restore_base, merge
+
+    base, adapter, logits, tokens, positions, _, work = trained
+    out = merge(base=base, adapter=adapter, out=work / "merged.nemo")
+    merged = _restore_base(out)
+    merged.model.eval()
+    with torch.no_grad():
+        merged_logits = merged.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-4)
+    base_model = _restore_base(base)
+    with torch.no_grad():
+        base_logits = base_model.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    assert (base_logits - logits).abs().max() > 1e-2  # the adapter changes the model: the check is not vacuous
+
+
+def test_inspect_reports_the_archive(trained):
+    from nemo_tiedlora.nemo.tools import inspect_adapter
+
+    _, adapter, _, _, _, norms, _ = trained
+    report = inspect_adapter(adapter)
+    assert report["rank"] == 4 and report["alpha"] == 8 and report["preset"] == "tl6"
+    d, out, layers = 64, 128, 2
+    assert report["trainable_parameters"]["total"] == 4 * d + 4 * out + layers * (4 + out)
+    for n, (u, v) in norms.items():
+        assert report["layer_norms"][n]["u"] == pytest.approx(u) and report["layer_norms"][n]["v"] == pytest.approx(v)
+    assert report["file_bytes"] <= 1.05 * report["raw_tensor_bytes"] + 64 * 1024
+
+
+def test_cli_refuses_existing_output_and_foreign_base(trained, tmp_path):
+    base, adapter, _, _, _, _, work = trained
+    existing = tmp_path / "exists.nemo"
+    existing.write_bytes(b"x")
+    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora", "merge", "--base", str(base), "--adapter",
+                             str(adapter), "--out", str(existing)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "exists" in result.stderr and "--overwrite" in result.stderr
+    truncated = tmp_path / "truncated.nemo"
+    truncated.write_bytes(adapter.read_bytes()[:2000])
+    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora", "inspect", str(truncated)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "truncated or corrupt" in result.stderr
+
+
+def test_adapter_for_another_base_shape_is_refused(trained, tmp_path):
+    from nemo_tiedlora.checkpoint import load_archive, save_archive
+    from nemo_tiedlora.errors import TiedLoraCheckpointError
+    from nemo_tiedlora.nemo.tools import merge
+
+    base, adapter, _, _, _, _, _ = trained
+    archive = load_archive(adapter)
+    other_shape = dict(archive.shape, num_layers=3)
+    tensors = dict(archive.tensors, **{"layers.3.u": archive.tensors["layers.1.u"].clone(),
+                                      "layers.3.v": archive.tensors["layers.1.v"].clone()})
+    foreign = save_archive(tmp_path / "foreign.nemo", config=archive.config, shape=other_shape, tensors=tensors)
+    with pytest.raises(TiedLoraCheckpointError) as error:
+        merge(base=base, adapter=foreign, out=tmp_path / "m.nemo")
+    assert "num_layers=3" in str(error.value) and "num_layers=2" in str(error.value)
