@@ -1,0 +1,55 @@
+"""An interrupted fine-tuning run resumed from NeMo's checkpoint gives the same per-step losses as an
+uninterrupted one (optimizer and scheduler state included)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import finetune_cfg
+from tests.integration.test_nemo_tiedlora import _Recorder
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _run(tiny, log_dir, steps: int, resume: bool, stop_after: int | None = None):
+    from omegaconf import open_dict
+
+    from nemo_tiedlora.nemo.finetune import finetune
+
+    base, data, _ = tiny
+    cfg = finetune_cfg(base, data, log_dir.parent, preset="tl6", adapter_dim=4)
+    with open_dict(cfg):
+        cfg.trainer.max_steps = steps
+        cfg.trainer.val_check_interval = 3
+        cfg.trainer.limit_val_batches = 1
+        cfg.model.optim.sched = {"name": "CosineAnnealing", "warmup_steps": 2, "min_lr": 0.0, "constant_steps": 0}
+        cfg.exp_manager.explicit_log_dir = str(log_dir)
+        cfg.exp_manager.resume_if_exists = resume
+        cfg.exp_manager.resume_ignore_no_checkpoint = True
+        cfg.exp_manager.checkpoint_callback_params.save_top_k = -1
+        cfg.exp_manager.checkpoint_callback_params.save_last = True
+        cfg.exp_manager.checkpoint_callback_params.save_nemo_on_train_end = False
+    recorder = _Recorder()
+    callbacks = [recorder]
+    if stop_after is not None:
+        from lightning.pytorch import Callback
+
+        class Interrupt(Callback):  # the job dies after `stop_after` steps (after that step's checkpoint)
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step >= stop_after:
+                    trainer.should_stop = True
+
+        callbacks.append(Interrupt())
+    finetune(cfg, callbacks=callbacks)
+    return recorder.losses
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: after resuming, step 4 matches exactly but steps 5-6 differ by "
+                   "~0.1-0.2% (optimizer/scheduler state restore under PEFT is being investigated)")
+def test_resume_equals_uninterrupted(tiny, tmp_path):
+    uninterrupted = _run(tiny, tmp_path / "straight", 6, resume=False)
+    first = _run(tiny, tmp_path / "interrupted", 6, resume=False, stop_after=3)
+    second = _run(tiny, tmp_path / "interrupted", 6, resume=True)
+    assert len(uninterrupted) == 6 and len(first) == 3 and len(second) == 3
+    assert first == pytest.approx(uninterrupted[:3], rel=1e-6)
+    assert second == pytest.approx(uninterrupted[3:], rel=1e-6)
