@@ -42,6 +42,7 @@ import sentencepiece as spm
 __all__ = [
     "ANIMALS",
     "COLORS",
+    "HOMES",
     "DATA_VERSION",
     "DemoData",
     "NUMBERS",
@@ -59,7 +60,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever a generator changes, so that cached folders from older code are rebuilt.
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 ANIMALS: tuple[str, ...] = (
     "dog", "cat", "bird", "fish", "horse", "cow", "pig", "sheep", "duck", "frog", "fox", "bear",
@@ -71,7 +72,7 @@ VERBS: tuple[str, ...] = ("runs", "sleeps", "eats", "jumps", "sits", "walks", "s
 SIZES: tuple[str, ...] = ("big", "small")
 FUNCTION_WORDS: tuple[str, ...] = (
     "the", "a", "is", "and", "in", "to", "with", "what", "which", "where", "animal",
-    "list", "comes", "after", ".", ",", "?",
+    "list", "comes", "after", "home", "of", ".", ",", "?",
 )
 #: Every word the corpus and the task use (punctuation marks are words of their own).
 VOCABULARY: tuple[str, ...] = ANIMALS + COLORS + NUMBERS + PLACES + VERBS + SIZES + FUNCTION_WORDS
@@ -218,11 +219,37 @@ def _where(rng: random.Random) -> str:
     return f"where is the {animal} ? the {animal} is in the {place} ."
 
 
+def _homes() -> dict[str, str]:
+    """Every animal's home: a fixed, balanced map (each place is home to at most two animals)."""
+    animals = list(ANIMALS)
+    random.Random("homes").shuffle(animals)
+    return {animal: PLACES[index % len(PLACES)] for index, animal in enumerate(animals)}
+
+
+#: The facts the base model learns in pre-training and the task asks about in a new format.
+HOMES: dict[str, str] = _homes()
+
+
+def _facts(rng: random.Random) -> str:
+    """One to three statements of where animals live (the base model memorizes them)."""
+    sentences = []
+    for _ in range(rng.randint(1, 3)):
+        animal = rng.choice(ANIMALS)
+        home = HOMES[animal]
+        sentences.append(rng.choice((
+            f"the {animal} is in the {home} .",
+            f"the {animal} walks to the {home} .",
+            f"where is the {animal} ? the {animal} is in the {home} .",
+        )))
+    return " ".join(sentences)
+
+
 _DOCUMENT_KINDS: tuple[tuple[Callable[[random.Random], str], float], ...] = (
-    (_scene, 0.1),
-    (_binding_story, 0.45),
-    (_word_list, 0.4),
-    (_where, 0.05),
+    (_facts, 0.35),
+    (_scene, 0.13),
+    (_binding_story, 0.36),
+    (_word_list, 0.1),
+    (_where, 0.06),
 )
 
 
@@ -297,11 +324,15 @@ def build_tokenizer(corpus: Path, out_dir: Path, *, vocab_size: int = 256) -> Pa
 
 
 def _task_item(rng: random.Random) -> tuple[str, str, str]:
-    """``(statement, question, answer)``: which of the statement's animals has the asked color."""
-    count = rng.randint(TASK_MIN_PAIRS, TASK_MAX_PAIRS)
-    animals, colors = rng.sample(ANIMALS, count), rng.sample(COLORS, count)
-    index = rng.randrange(count)
-    return _binding_statement(animals, colors), f"which animal is {colors[index]} ?", animals[index]
+    """``(statement, question, answer)``: two animals with colors, then the home of one of them.
+
+    The base model knows every animal's home from pre-training, but never saw this question format: it has to
+    pick the queried animal out of the statement and answer with its home as the first word.
+    """
+    animal, other = rng.sample(ANIMALS, 2)
+    color, other_color = rng.sample(COLORS, 2)
+    statement = f"the {other} is {other_color} and the {animal} is {color} ."
+    return statement, f"the home of the {animal} is which", HOMES[animal]
 
 
 def build_task(

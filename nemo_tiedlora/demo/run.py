@@ -31,9 +31,9 @@ class DemoSettings:
 
     preset: str = "tl6"
     rank: int = 8
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-2
     max_seq_length: int = 64
     tokens_to_generate: int = 3
 

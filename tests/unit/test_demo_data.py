@@ -88,7 +88,7 @@ def test_jsonl_format(built: data.DemoData) -> None:
             assert isinstance(record["input"], str) and record["input"].strip()
             assert isinstance(record["output"], str) and record["output"].strip()
             assert record["input"] == " ".join(record["input"].split())
-            assert record["input"].endswith(" ?"), "prompts end with the separator"
+            assert record["input"].endswith(" is which"), "prompts end with the separator"
 
 
 def test_splits_are_disjoint(built: data.DemoData) -> None:
@@ -102,31 +102,31 @@ def test_splits_are_disjoint(built: data.DemoData) -> None:
     assert len(inputs["train"]) == 2000, "no duplicates inside train"
 
 
-def test_answers_are_single_vocabulary_words_found_in_the_prompt(built: data.DemoData) -> None:
+def test_answers_are_the_queried_animals_home_as_the_corpus_states_it(built: data.DemoData) -> None:
     vocabulary = set(data.VOCABULARY)
+    corpus = built.corpus.read_text(encoding="utf-8")
     for path in (built.train, built.validation, built.test):
         for record in _records(path):
-            answer = record["output"]
-            assert answer in vocabulary and answer in data.ANIMALS
-            assert len(answer.split()) == 1
-            assert f" {answer} " in f" {record['input']} ", "the answer is in the context"
-            assert set(record["input"].split()) <= vocabulary
+            answer, words = record["output"], record["input"].split()
+            queried = words[-3]  # "... the home of the <animal> is which"
+            assert answer in data.PLACES and len(answer.split()) == 1
+            assert f"the {queried} is in the {answer} ." in corpus, "the base can learn the fact in pre-training"
+            assert set(words) <= vocabulary
 
 
 def test_trivial_baselines_are_poor(built: data.DemoData) -> None:
-    """The metric can show improvement: neither a constant nor a positional guess does well."""
+    """The metric can show improvement: neither a constant nor the other animal's home does well."""
     train, test = _records(built.train), _records(built.test)
     most_frequent, _ = collections.Counter(r["output"] for r in train).most_common(1)[0]
     constant = data.score([most_frequent] * len(test), [r["output"] for r in test])
     assert constant < 0.35
-    for position in range(data.TASK_MIN_PAIRS):
-        guesses = [[w for w in r["input"].split() if w in data.ANIMALS][position] for r in test]
-        assert data.score(guesses, [r["output"] for r in test]) < 0.5
+    other_home = [data.HOMES[r["input"].split()[1]] for r in test]  # "the <other> is <color> and ..."
+    assert data.score(other_home, [r["output"] for r in test]) < 0.5
 
 
 def test_corpus_never_uses_the_question_format(built: data.DemoData) -> None:
     corpus = built.corpus.read_text(encoding="utf-8")
-    assert "which animal is" not in corpus
+    assert "the home of the" not in corpus
     lines = corpus.splitlines()
     assert len(lines) == 20000 and all(line.strip() for line in lines)
     assert set(corpus.split()) <= set(data.VOCABULARY)
