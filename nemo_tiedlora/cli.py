@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(subparsers)
     _add_demo(subparsers)
     _add_adapter_tools(subparsers)
+    from nemo_tiedlora.study.report import add_report_parser
+
+    add_report_parser(subparsers)
     _add_compat(subparsers)
     return parser
 

@@ -223,3 +223,26 @@ def build_base_model(
     }
     manifest.write_text(json.dumps(report, indent=2))
     return out_path, report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m nemo_tiedlora.demo.base_model --out base.nemo --corpus C --tokenizer T`: build (or reuse) the base.
+
+    The demo runs this in its own process, like every NeMo step, so the orchestrating process never holds NeMo's
+    process groups or threads while the entry scripts run.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="pre-train the tiny base model and save it as a .nemo")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--steps", type=int, default=BaseSpec.steps)
+    args = parser.parse_args(argv)
+    path, report = build_base_model(Path(args.out), corpus=Path(args.corpus), tokenizer_model=Path(args.tokenizer),
+                                    spec=BaseSpec(steps=args.steps))
+    print(f"base model: {path} (final pre-training loss {report['final_loss']:.3f})")
+
+
+if __name__ == "__main__":
+    main()

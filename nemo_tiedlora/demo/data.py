@@ -1,24 +1,21 @@
-"""Generated data for the Tied-LoRA demo: corpus, tokenizer and an in-context lookup task.
+"""Generated data for the Tied-LoRA demo: corpus, tokenizer and a new-format question task.
 
 Nothing is downloaded. A tiny English-like language over a fixed vocabulary (:data:`VOCABULARY`) is
 generated from a seed:
 
-* the **pretraining corpus** (one document per line) has scenes ("the red dog runs in the park ."),
-  lists, counting, ``where`` questions and *binding stories* that state attributes and then reuse them
-  ("the dog is red , the cat is blue . the color of the cat is blue ."), so a small GPT trained on it
-  learns to retrieve facts stated earlier in its context;
-* the **SFT task** asks about such a statement in a question format the corpus never uses::
+* the **pretraining corpus** (one document per line) states every animal's home (:data:`HOMES`,
+  ``"the fox is in the river ."``) and adds scenes, repeated lists (plain copying), ``where``
+  questions and *binding stories* (``"the blue cat , the red dog . the blue cat runs ."``), so a small
+  GPT trained on it knows the homes and can find words earlier in its context;
+* the **SFT task** asks for one animal's home after a distractor, in a format the corpus never uses::
 
-      {"input": "the dog is red , the cat is blue and the fox is pink . what color is the cat ?",
-       "output": "blue"}
-      {"input": "the dog is red , the cat is blue and the fox is pink . which animal is pink ?",
-       "output": "fox"}
+      {"input": "the dog is red and the fox is pink . the home of the fox is which",
+       "output": "river"}
 
-  NeMo's template ``"{input} {output}"`` turns that into ``"... ? blue"``. The answer is one vocabulary
-  word, so exact match (:func:`exact_match`) is the metric. The base model continues a ``?`` the way the
-  corpus does (``"? the dog is ..."``) and scores near zero; the skill (look up a key in the context and
-  copy its value) is already in the model, so an adapter on the attention QKV projections only has to
-  re-route attention to apply it to the new format.
+  NeMo's template ``"{input} {output}"`` turns that into ``"... is which river"``. The answer is one
+  vocabulary word, so exact match (:func:`exact_match`) is the metric. The base model never saw
+  ``"the home of the"`` and scores near zero; the fact is already in the model, so an adapter on the
+  attention QKV projections mainly has to route the queried animal to the answer position.
 
 :func:`build_all` writes every file once into a folder and reuses them while a ``manifest.json`` records
 the same parameters and the files' sha256.
@@ -77,8 +74,7 @@ FUNCTION_WORDS: tuple[str, ...] = (
 #: Every word the corpus and the task use (punctuation marks are words of their own).
 VOCABULARY: tuple[str, ...] = ANIMALS + COLORS + NUMBERS + PLACES + VERBS + SIZES + FUNCTION_WORDS
 
-#: How many (animal, color) pairs a task statement holds.
-TASK_MIN_PAIRS = 3
+#: The most (animal, color) pairs a binding story states.
 TASK_MAX_PAIRS = 5
 
 # sentencepiece ids as NeMo's sentencepiece tokenizer expects them.
@@ -214,7 +210,7 @@ def _word_list(rng: random.Random) -> str:
 
 
 def _where(rng: random.Random) -> str:
-    """A ``where`` question answered by a full sentence (the corpus's only use of ``?``)."""
+    """A ``where`` question answered by a full sentence, with a random place (not the home)."""
     animal, place = rng.choice(ANIMALS), rng.choice(PLACES)
     return f"where is the {animal} ? the {animal} is in the {place} ."
 

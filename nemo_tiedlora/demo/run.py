@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nemo_tiedlora.demo.base_model import BaseSpec, build_base_model
 from nemo_tiedlora.demo.data import build_all, score
 
 logger = logging.getLogger("nemo_tiedlora")
@@ -58,8 +57,8 @@ def _run(args: list[str], *, log: Path, title: str) -> None:
         for line in process.stdout:
             out.write(line)
             # Lightning's progress bar and our own summary lines reach the terminal; NeMo's chatter stays in the log.
-            if any(mark in line for mark in ("Epoch", "Testing", "Tied-LoRA", "  A:", "  B:", "  u:", "  v:",
-                                             "total:", "LoRA at rank", "Error", "error")):
+            if any(mark in line for mark in ("Epoch", "Testing", "pre-train", "base model:", "Tied-LoRA", "  A:",
+                                             "  B:", "  u:", "  v:", "total:", "LoRA at rank", "Error", "error")):
                 sys.stdout.write(line.rstrip("\n")[-200:] + "\n")
                 sys.stdout.flush()
         if process.wait() != 0:
@@ -163,10 +162,14 @@ def main(*, work: Path = Path(".cache/demo"), settings: DemoSettings = DemoSetti
     work.mkdir(parents=True, exist_ok=True)
     print("== data: tokenizer, corpus and the supervised task (cached)", flush=True)
     data = build_all(work / "data")
-    print("== base model: tiny Llama-style GPT pre-trained on the corpus (cached)", flush=True)
-    base, base_report = build_base_model(
-        work / "base.nemo", corpus=data.corpus, tokenizer_model=data.tokenizer_model, spec=BaseSpec()
+    base = work / "base.nemo"
+    _run(
+        [sys.executable, "-m", "nemo_tiedlora.demo.base_model", "--out", str(base), "--corpus", str(data.corpus),
+         "--tokenizer", str(data.tokenizer_model)],
+        log=work / "base.log",
+        title="base model: tiny Llama-style GPT pre-trained on the corpus (cached)",
     )
+    base_report = json.loads(base.with_suffix(".json").read_text())
     adapter = finetune(base=base, data=data, work=work, settings=settings)
     base_score = evaluate(base=base, adapter=None, data=data, work=work, settings=settings, label="base")
     tuned_score = evaluate(base=base, adapter=adapter, data=data, work=work, settings=settings, label=settings.preset)
