@@ -28,13 +28,12 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import sentencepiece as spm
+from nemo_tiedlora.fileio import atomic_write_bytes as _atomic_write_bytes
 
 __all__ = [
     "ANIMALS",
@@ -106,21 +105,6 @@ class DemoData:
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:

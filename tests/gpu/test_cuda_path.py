@@ -24,7 +24,7 @@ def test_update_on_cuda_matches_reference(dtype, tol):
 
 
 def test_te_fused_layernorm_input():
-    te = pytest.importorskip("transformer_engine")  # noqa: F841
+    pytest.importorskip("transformer_engine")
     pytest.importorskip("nemo")
     from megatron.core import parallel_state
     from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import abc
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+from nemo_tiedlora.fileio import atomic_write_bytes
 
 __all__ = [
     "SPLITS",
@@ -235,21 +234,6 @@ def first_line(prediction: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Writing files
 # --------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> Path:
