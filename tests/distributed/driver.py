@@ -26,6 +26,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--first-stage-layers", type=int, default=None)
+    parser.add_argument("--vpp", type=int, default=None, help="virtual_pipeline_model_parallel_size")
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--optim", default="adam")
     parser.add_argument("--steps", type=int, default=5)
@@ -63,6 +64,8 @@ def main() -> None:
                          global_batch_size=args.gbs, micro_batch_size=args.mbs)
         if args.te:
             cfg.model.transformer_engine = True
+        if args.vpp:
+            cfg.model.virtual_pipeline_model_parallel_size = args.vpp
         if args.first_stage_layers:
             cfg.model.num_layers_in_first_pipeline_stage = args.first_stage_layers
         cfg.model.optim = OmegaConf.create({"name": args.optim, "lr": 5e-3, "weight_decay": 0.0, "betas": [0.9, 0.98]})
