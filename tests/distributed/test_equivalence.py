@@ -20,6 +20,7 @@ RUNS = {
     "tp2": (2, ["--tp", "2"]),
     "pp2_even": (2, ["--pp", "2"]),
     "pp2_uneven": (2, ["--pp", "2", "--first-stage-layers", "3"]),
+    "dp2": (2, []),
     "dp2_distributed_optimizer": (2, ["--optim", "mcore_distributed_optim"]),
     "tp2_sequence_parallel": (2, ["--tp", "2", "--sp"]),
     "tp2_pp2": (4, ["--tp", "2", "--pp", "2"]),
