@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nemo_tiedlora.study.report import add_report_parser
 
     add_report_parser(subparsers)
+    _add_bench(subparsers)
     _add_compat(subparsers)
     return parser
 
@@ -122,6 +123,27 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_adapter(args.adapter)
     print(json.dumps(report, indent=2) if args.json else format_inspect(report))
+    return 0
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="step time, memory, optimizer state, file size, merge time: base, lora, vera, tl5, tl6"
+    )
+    parser.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest counts")
+    parser.add_argument("--work", default=".cache/bench", help="work and cache folder")
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.bench import _markdown, run
+
+    report = run(out=args.out, rank=args.rank, steps=args.steps, batch=args.batch, work=args.work, rounds=args.rounds)
+    print(_markdown(report))
     return 0
 
 
