@@ -10,19 +10,11 @@ import pytest
 import torch
 
 from tests.integration.conftest import finetune_cfg
+from tests.unit.spec_table import PAPER_FLAGS
 
 pytestmark = pytest.mark.integration
 
-PRESET_FLAGS = {  # spec section 2: tied, A, B, u, v trained
-    "lora": (False, True, True, False, False),
-    "vera": (True, False, False, True, True),
-    "tl1": (True, True, False, False, False),
-    "tl2": (True, True, False, True, True),
-    "tl3": (True, False, True, False, False),
-    "tl4": (True, False, True, True, False),
-    "tl5": (True, True, True, False, False),
-    "tl6": (True, True, True, True, True),
-}
+PRESET_FLAGS = PAPER_FLAGS  # spec section 2: tied, A, B, u, v trained
 
 
 def closed_form(preset: str, *, d: int, layers: int, r: int, out: int) -> int:
