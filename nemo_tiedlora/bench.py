@@ -100,10 +100,10 @@ def _measure(config: str, *, base: Path, data: Path, rank: int, steps: int, batc
         result["adapter_raw_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
         started = time.perf_counter()
         with torch.no_grad():
+            factors = per_layer_lora(state, peft_cfg.tiedlora)  # every layer's (A_l, B_l), computed once
             for layer in gpt.decoder.layers:
-                weight = layer.self_attention.linear_qkv.base.weight
-                a_l, b_l = per_layer_lora(state, peft_cfg.tiedlora)[layer.layer_number]
-                weight.add_(b_l @ a_l)
+                a_l, b_l = factors[layer.layer_number]
+                layer.self_attention.linear_qkv.base.weight.add_(b_l @ a_l)
         result["merge_s"] = time.perf_counter() - started
     return result
 

@@ -194,8 +194,9 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
         else:
             out, normalized = result, hidden_states
         enabled = self.get_enabled_adapters() if self.is_adapter_available() else []
-        for name in enabled:
-            adapter = self.adapter_layer[name]
-            # [s, b, d] -> [s, b, out/tp]: this rank's rows of the fused, group-interleaved QKV output
-            out = out + adapter(self._adapter_input(normalized), self.out_rows)
+        if enabled:
+            x = self._adapter_input(normalized)  # gathered / TP-copied once, whatever the number of adapters
+            for name in enabled:
+                # [s, b, d] -> [s, b, out/tp]: this rank's rows of the fused, group-interleaved QKV output
+                out = out + self.adapter_layer[name](x, self.out_rows)
         return out, bias
