@@ -7,6 +7,7 @@ test, so a fix is applied only where its defect is present:
 - ``environment``: NeMo's 1.x NLP collection outside NVIDIA's PyTorch container (no apex, no TransformerEngine,
   no ``NVIDIA_PYTORCH_VERSION``). Applies on CPU and GPU machines alike; inside the container none is needed.
 - ``mcore``: NeMo 2.4.1 against megatron-core 0.13 (both on GPU and CPU).
+- ``lightning``: NeMo 2.4.1's data path against Lightning 2.x's loop bookkeeping (everywhere).
 - ``cpu``: CUDA-only calls in NeMo and megatron-core on a machine without a CUDA device. ``needed()`` is false
   wherever ``torch.cuda.is_available()``, so the GPU path stays untouched by CPU-only fixes.
 
@@ -34,7 +35,7 @@ class Fix:
     """One run-time fix for one upstream defect."""
 
     name: str
-    scope: str  # "environment" | "mcore" | "cpu"
+    scope: str  # "environment" | "mcore" | "lightning" | "cpu"
     defect: str  # the upstream defect, with the file it lives in
     needed: Callable[[], bool]
     patch: Callable[[], None]
@@ -364,6 +365,30 @@ def _cpu_tensor_type() -> None:
     torch.Tensor.type = tensor_type
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# lightning: NeMo's batch samplers vs Lightning's restored loop state
+# ----------------------------------------------------------------------------------------------------------------
+def _epoch_length_from_epoch_start() -> None:
+    import copy
+
+    from nemo.collections.nlp.data.language_modeling.megatron import megatron_batch_samplers as samplers
+
+    for cls in (samplers.MegatronPretrainingBatchSampler, samplers.MegatronPretrainingRandomBatchSampler):
+        original = cls.__len__
+        if getattr(original, "_nemo_tiedlora_fix", False):
+            continue
+
+        def __len__(self, _original=original):
+            # Lightning counts an epoch's batches from the epoch's start and restores that count on resume; the
+            # sampler still yields only the batches not yet consumed, so the two meet at the epoch's end.
+            probe = copy.copy(self)
+            probe.consumed_samples = 0
+            return _original(probe)
+
+        __len__._nemo_tiedlora_fix = True
+        cls.__len__ = __len__
+
+
 FIXES: tuple[Fix, ...] = (
     Fix(
         "nvidia-pytorch-version",
@@ -430,6 +455,16 @@ FIXES: tuple[Fix, ...] = (
         "megatron-core 0.13 modules need real process groups at construction (ModelCommProcessGroups)",
         lambda: True,
         _real_process_groups,
+    ),
+    Fix(
+        "resume-epoch-length",
+        "lightning",
+        "megatron_batch_samplers.py MegatronPretraining(Random)BatchSampler.__len__ counts only the batches left "
+        "after consumed_samples, while Lightning restores the epoch's batch count on resume: the resumed epoch "
+        "ends one step early and restarts the sampler at the resume point, replaying batches (resumed losses "
+        "differ from an uninterrupted run). The length becomes the whole epoch's",
+        lambda: True,
+        _epoch_length_from_epoch_start,
     ),
     Fix(
         "cpu-device",
