@@ -1,7 +1,8 @@
 """Command line: ``python -m nemo_tiedlora <command>``.
 
 Each subcommand imports its implementation lazily inside its handler, so a light command (``params``) never
-imports NeMo or Megatron. To add one (demo, merge, export, inspect, bench): write ``_add_<name>(subparsers)``
+imports NeMo or Megatron. To add one (demo, merge, convert, export, inspect, bench): write
+``_add_<name>(subparsers)``
 that sets ``handler`` and call it from :func:`build_parser`.
 """
 
@@ -80,17 +81,31 @@ def _add_adapter_tools(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--base", required=True, help="base .nemo")
     merge.add_argument("--adapter", required=True, help="Tied-LoRA adapter .nemo")
     merge.add_argument("--out", required=True, help="merged .nemo to write")
-    merge.add_argument("--tp", type=int, default=1, help="tensor_model_parallel_size recorded in the output")
-    merge.add_argument("--pp", type=int, default=1, help="pipeline_model_parallel_size recorded in the output")
+    merge.add_argument("--tp", type=int, default=1, help="tensor_model_parallel_size of the output")
+    merge.add_argument("--pp", type=int, default=1, help="pipeline_model_parallel_size of the output")
+    _add_layout_options(merge)
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     merge.set_defaults(handler=_run_merge)
 
-    export = subparsers.add_parser("export", help="export an adapter as plain per-layer LoRA (Hugging Face PEFT)")
+    convert = subparsers.add_parser(
+        "convert", help="convert a base .nemo between TP/PP sizes and checkpoint formats (CPU, one process)")
+    convert.add_argument("--in", dest="source", required=True, help="base .nemo (distributed or legacy per-rank)")
+    convert.add_argument("--out", required=True, help=".nemo to write")
+    convert.add_argument("--tp", type=int, default=1, help="target tensor_model_parallel_size")
+    convert.add_argument("--pp", type=int, default=1, help="target pipeline_model_parallel_size")
+    _add_layout_options(convert)
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    convert.set_defaults(handler=_run_convert)
+
+    export = subparsers.add_parser(
+        "export", help="export an adapter as plain per-layer LoRA (Hugging Face PEFT or NeMo lora)")
     export.add_argument("--adapter", required=True, help="Tied-LoRA adapter .nemo")
     export.add_argument("--base", required=True, help="the base .nemo it was trained on")
-    export.add_argument("--format", default="hf-peft", choices=["hf-peft"], help="output format")
-    export.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
-    export.add_argument("--base-out", help="also write the base as a Hugging Face Llama checkpoint here")
+    export.add_argument("--format", default="hf-peft", choices=["hf-peft", "nemo-lora"],
+                        help="hf-peft: Hugging Face PEFT LoRA folder; nemo-lora: NeMo's own lora adapter .nemo")
+    export.add_argument("--out", required=True,
+                        help="hf-peft: folder for adapter_config.json + adapter_model.safetensors; nemo-lora: .nemo")
+    export.add_argument("--base-out", help="hf-peft: also write the base as a Hugging Face Llama checkpoint here")
     export.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     export.set_defaults(handler=_run_export)
 
@@ -100,17 +115,46 @@ def _add_adapter_tools(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(handler=_run_inspect)
 
 
+def _add_layout_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", dest="fmt", default="dist", choices=["dist", "legacy"],
+                        help="dist: distributed checkpoint, loads at any TP/PP (NeMo's default); legacy: one "
+                             "state dict per TP/PP rank, loads only at exactly --tp/--pp")
+    parser.add_argument("--first-stage-layers", type=int, default=None,
+                        help="decoder layers on the first pipeline stage (uneven PP; the rest split evenly)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="tokenizer vocabulary size, when it cannot be read from the archive's tokenizer")
+
+
 def _run_merge(args: argparse.Namespace) -> int:
     from nemo_tiedlora.nemo.tools import merge
 
-    out = merge(base=args.base, adapter=args.adapter, out=args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+    out = merge(base=args.base, adapter=args.adapter, out=args.out, tp=args.tp, pp=args.pp, fmt=args.fmt,
+                first_stage_layers=args.first_stage_layers, vocab_size=args.vocab_size, overwrite=args.overwrite)
     print(f"merged .nemo: {out}")
     return 0
 
 
-def _run_export(args: argparse.Namespace) -> int:
-    from nemo_tiedlora.nemo.tools import export_hf_peft
+def _run_convert(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.convert import convert
+    from nemo_tiedlora.nemo import setup
 
+    setup()
+    out = convert(args.source, args.out, tp=args.tp, pp=args.pp, fmt=args.fmt,
+                  first_stage_layers=args.first_stage_layers, vocab_size=args.vocab_size, overwrite=args.overwrite)
+    print(f"converted .nemo: {out}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.nemo.tools import export_hf_peft, export_nemo_lora
+
+    if args.format == "nemo-lora":
+        if args.base_out:
+            raise TiedLoraConfigError("--base-out applies to --format hf-peft only (a NeMo lora adapter runs on the "
+                                      "same base .nemo)")
+        out = export_nemo_lora(adapter=args.adapter, base=args.base, out=args.out, overwrite=args.overwrite)
+        print(f"NeMo lora adapter: {out}")
+        return 0
     written = export_hf_peft(adapter=args.adapter, base=args.base, out=args.out, base_out=args.base_out,
                              overwrite=args.overwrite)
     for kind, path in written.items():

@@ -365,6 +365,47 @@ def _cpu_tensor_type() -> None:
     torch.Tensor.type = tensor_type
 
 
+def _attention_mixin_forward_is_stale() -> bool:
+    import inspect
+
+    from nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins import MCoreSelfAttentionMixin
+
+    return "inference_context" not in inspect.signature(MCoreSelfAttentionMixin.forward).parameters
+
+
+def _attention_mixin_forward() -> None:
+    from megatron.core.transformer.attention import SelfAttention
+    from nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins import MCoreSelfAttentionMixin
+    from nemo.collections.nlp.modules.common.megatron.adapters.parallel_adapters import AdapterName
+
+    if getattr(MCoreSelfAttentionMixin.forward, "_nemo_tiedlora_fix", False):
+        return
+
+    def forward(self, *args, **kwargs):
+        # megatron-core's own forward (current signature and return arity); it calls the mixin's
+        # get_query_key_value_tensors, where NeMo applies its QKV LoRA / IA3 / ptuning adapters.
+        dense = None
+        if self.is_adapter_available():
+            dense = self.get_adapter_module(AdapterName.LORA_DENSE_ATTENTION_ADAPTER)
+            if dense is not None and not self.adapter_cfg[AdapterName.LORA_DENSE_ATTENTION_ADAPTER]["enabled"]:
+                dense = None
+        if dense is None:
+            return SelfAttention.forward(self, *args, **kwargs)
+
+        def add_dense_lora(_module, inputs, output):  # NeMo: output = linear_proj(x) + lora(x)
+            out, bias = output
+            return out + dense(inputs[0]), bias
+
+        handle = self.linear_proj.register_forward_hook(add_dense_lora)
+        try:
+            return SelfAttention.forward(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    forward._nemo_tiedlora_fix = True
+    MCoreSelfAttentionMixin.forward = forward
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # lightning: NeMo's batch samplers vs Lightning's restored loop state
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,6 +496,16 @@ FIXES: tuple[Fix, ...] = (
         "megatron-core 0.13 modules need real process groups at construction (ModelCommProcessGroups)",
         lambda: True,
         _real_process_groups,
+    ),
+    Fix(
+        "nemo-lora-attention-forward",
+        "mcore",
+        "mcore_mixins.py MCoreSelfAttentionMixin.forward (the attention of NeMo's own lora/ia3 schemes) has "
+        "megatron-core 0.11's signature: TypeError on 0.13's inference_context keyword (and it unpacks 5 of the 6 "
+        "values _adjust_key_value_for_inference returns). Replaced by megatron-core's forward plus NeMo's dense "
+        "LoRA on linear_proj; Tied-LoRA does not use this mixin",
+        _attention_mixin_forward_is_stale,
+        _attention_mixin_forward,
     ),
     Fix(
         "resume-epoch-length",

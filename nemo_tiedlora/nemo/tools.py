@@ -1,8 +1,10 @@
 """Adapter tools on CPU: merge into a base .nemo, export to Hugging Face, inspect (the CLI's implementations).
 
-Merging restores the base once (one copy of its weights in memory), adds s * diag(v_l) B diag(u_l) A to each
-adapted layer's linear_qkv weight in place, layer by layer, and saves a standard .nemo through NeMo (distributed
-checkpoint format: loadable at any TP/PP). The output is written to a temporary name and renamed at the end.
+Merging a distributed-checkpoint base into a distributed-checkpoint output restores the base once (one copy of its
+weights in memory), adds s * diag(v_l) B diag(u_l) A to each adapted layer's linear_qkv weight in place, layer by
+layer, and saves a standard .nemo through NeMo (loadable at any TP/PP). Legacy per-rank bases (any TP/PP) and legacy
+outputs go through nemo_tiedlora.convert (memory-mapped shards, one output rank at a time). Every output is written
+to a temporary name and renamed at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_tiedlora.checkpoint import check_base_shape, load_archive
 from nemo_tiedlora.errors import TiedLoraCheckpointError
@@ -51,27 +53,8 @@ def _restore_base(base: Path, *, tensor_model_parallel_size: int = 1, pipeline_m
     return MegatronGPTModel.restore_from(str(base), override_config_path=cfg, trainer=_cpu_trainer())
 
 
-def merge(*, base: Path, adapter: Path, out: Path, tp: int = 1, pp: int = 1, overwrite: bool = False) -> Path:
-    """W_l' = W_l + (alpha/r) diag(v_l) B diag(u_l) A for every adapted layer; a standard .nemo at `out`."""
-    from nemo_tiedlora.export import per_layer_lora
-    from nemo_tiedlora.nemo.peft import model_shape
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise TiedLoraCheckpointError(f"{out} exists: choose another --out or pass --overwrite")
-    archive = load_archive(Path(adapter))
-    check_base_shape(archive.shape, model_shape(base_config(base)))
-    model = _restore_base(Path(base))
-    factors = per_layer_lora(archive.tensors, archive.config)
-    with torch.no_grad():
-        for layer in model.model.decoder.layers:
-            if layer.layer_number in factors:
-                a_l, b_l = factors[layer.layer_number]
-                weight = layer.self_attention.linear_qkv.weight  # [out, d]
-                weight.add_((b_l.to(torch.float32) @ a_l.to(torch.float32)).to(weight.dtype))
-    with open_dict(model.cfg):
-        model.cfg.tensor_model_parallel_size = tp
-        model.cfg.pipeline_model_parallel_size = pp
+def _save_to(model: Any, out: Path) -> Path:
+    """NeMo's save_to into a temporary name beside `out`, renamed at the end (nothing half-written)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial.nemo")
     try:
@@ -79,7 +62,58 @@ def merge(*, base: Path, adapter: Path, out: Path, tp: int = 1, pp: int = 1, ove
         os.replace(partial, out)
     finally:
         Path(partial).unlink(missing_ok=True)
-    logger.info("merged %s into %s -> %s", adapter, base, out)
+    return out
+
+
+def merge(*, base: Path, adapter: Path, out: Path, tp: int = 1, pp: int = 1, fmt: str = "dist",
+          first_stage_layers: Optional[int] = None, vocab_size: Optional[int] = None,
+          overwrite: bool = False) -> Path:
+    """W_l' = W_l + (alpha/r) diag(v_l) B diag(u_l) A for every adapted layer; a standard .nemo at `out`.
+
+    `base` may be a distributed-checkpoint or a legacy per-rank .nemo saved at any TP/PP. The output is written in
+    `fmt`: 'dist' (loadable at any TP/PP; `tp`/`pp` are recorded in its config) or 'legacy' (one state dict per
+    rank of the TP=`tp`, PP=`pp` layout, uneven first stage via `first_stage_layers`).
+    """
+    from nemo_tiedlora.convert import checkpoint_format, layout_for, read_base, write_dist, write_legacy
+    from nemo_tiedlora.export import per_layer_lora
+    from nemo_tiedlora.nemo.peft import model_shape
+
+    out = Path(out)
+    if fmt not in ("dist", "legacy"):
+        raise TiedLoraCheckpointError(f"unknown output format {fmt!r}: choose 'dist' or 'legacy'")
+    if out.exists() and not overwrite:
+        raise TiedLoraCheckpointError(f"{out} exists: choose another --out or pass --overwrite")
+    archive = load_archive(Path(adapter))
+    cfg = base_config(base)
+    check_base_shape(archive.shape, model_shape(cfg))
+    layout = layout_for(cfg, tp, pp, first_stage_layers=first_stage_layers)  # refuse impossible layouts up front
+    factors = per_layer_lora(archive.tensors, archive.config)
+
+    def delta(layer_number: int, weight: torch.Tensor) -> torch.Tensor:
+        a_l, b_l = factors[layer_number]
+        return (b_l.to(torch.float32) @ a_l.to(torch.float32)).to(weight.dtype)
+
+    if checkpoint_format(Path(base)) == "dist" and fmt == "dist" and first_stage_layers is None:
+        # One copy of the base: restore, add in place layer by layer, let NeMo save.
+        model = _restore_base(Path(base))
+        with torch.no_grad():
+            for layer in model.model.decoder.layers:
+                if layer.layer_number in factors:
+                    weight = layer.self_attention.linear_qkv.weight  # [out, d]
+                    weight.add_(delta(layer.layer_number, weight))
+        with open_dict(model.cfg):
+            model.cfg.tensor_model_parallel_size = tp
+            model.cfg.pipeline_model_parallel_size = pp
+        _save_to(model, out)
+    else:
+        source = read_base(Path(base))
+        for number in sorted(factors):  # layer by layer: one layer's update in memory at a time
+            key = f"model.decoder.layers.{number - 1}.self_attention.linear_qkv.weight"
+            weight = source.state[key]
+            source.state[key] = weight + delta(number, weight)
+        writer = write_dist if fmt == "dist" else write_legacy
+        writer(source, out, layout, vocab_size=vocab_size, overwrite=overwrite)
+    logger.info("merged %s into %s -> %s (%s, TP%d PP%d)", adapter, base, out, fmt, tp, pp)
     return out
 
 
@@ -101,6 +135,72 @@ def export_hf_peft(*, adapter: Path, base: Path, out: Path, base_out: Optional[P
         state, llama_cfg = nemo_gpt_to_hf_llama(model.model.state_dict(), model.cfg)
         written["base"] = write_hf_model(base_out, state, llama_cfg, overwrite=overwrite)
     return written
+
+
+def _batch_sizes_in_force() -> Optional[dict[str, int]]:
+    """Megatron's process-wide micro-batch calculator refuses a second model with other batch sizes: when one is
+    set up (a model was built in this process already), build with its sizes (they do not matter for an export)."""
+    from megatron.core import num_microbatches_calculator as calculator
+
+    if calculator._GLOBAL_NUM_MICROBATCHES_CALCULATOR is None:
+        return None
+    return {"global_batch_size": calculator.get_current_global_batch_size(),
+            "micro_batch_size": calculator.get_micro_batch_size()}
+
+
+def export_nemo_lora(*, adapter: Path, base: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the adapter as NeMo's own ``lora`` PEFT .nemo (TP1/PP1), written by NeMo itself.
+
+    Per layer l: ``linear_in = diag(u_l) A`` [r, d] and ``linear_out = diag(v_l) B`` [out, r] of NeMo's
+    ``lora_kqv_adapter`` (Megatron's fused QKV order, as the base), with the same rank and alpha (NeMo scales by
+    alpha/r), on the same layers (``layer_selection``). NeMo loads it with ``model.peft.peft_scheme=lora``
+    ``model.peft.restore_from_path=<out>`` (any NeMo script: megatron_gpt_generate.py, ...).
+    """
+    from nemo_tiedlora.demo.run import TUNING_DIR
+    from nemo_tiedlora.export import per_layer_lora
+    from nemo_tiedlora.nemo.finetune import build
+    from nemo_tiedlora.nemo.peft import model_shape
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise TiedLoraCheckpointError(f"{out} exists: choose another --out or pass --overwrite")
+    archive = load_archive(Path(adapter))
+    check_base_shape(archive.shape, model_shape(base_config(base)))
+    tcfg = archive.config
+    factors = per_layer_lora(archive.tensors, tcfg)
+    num_layers = int(archive.shape["num_layers"])
+    cfg = OmegaConf.load(TUNING_DIR / "conf" / "megatron_gpt_finetuning_config.yaml")
+    with open_dict(cfg):
+        cfg.trainer.update(accelerator="cpu", devices=1, num_nodes=1, logger=False, enable_checkpointing=False)
+        cfg.exp_manager = None
+        cfg.model.update(restore_from_path=str(base), tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        cfg.model.update(_batch_sizes_in_force() or {})
+        for split in cfg.model.data.values():  # no data: nothing is trained or evaluated here
+            if isinstance(split, DictConfig) and OmegaConf.is_missing(split, "file_names"):
+                split.file_names = []
+        cfg.model.peft.peft_scheme = "lora"
+        cfg.model.peft.restore_from_path = None
+        lora = cfg.model.peft.lora_tuning
+        lora.update(variant="nemo", target_modules=["attention_qkv"], adapter_dim=int(tcfg.rank),
+                    alpha=float(tcfg.resolved_alpha), adapter_dropout=0.0, weight_tying=False)
+        lora.layer_selection = None if sorted(factors) == list(range(1, num_layers + 1)) else sorted(factors)
+    _, model, _, _ = build(cfg)
+    scale = float(tcfg.scale)
+    written = set()
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            number = layer.layer_number
+            if number not in factors:
+                continue
+            lora_module = layer.self_attention.get_adapter_module("lora_kqv_adapter")
+            a_l, b_l = factors[number]
+            lora_module.linear_in.weight.copy_(a_l.to(torch.float32))
+            lora_module.linear_out.weight.copy_(b_l.to(torch.float32) / scale)  # NeMo applies alpha/r itself
+            written.add(number)
+    if written != set(factors):
+        raise TiedLoraCheckpointError(f"NeMo's LoRA model has no adapter on layers {sorted(set(factors) - written)}")
+    model.setup_complete = True  # NeMo's PEFT state: the adapter weights only, in NeMo's per-rank format
+    return _save_to(model, out)
 
 
 def inspect_adapter(adapter: Path) -> dict[str, Any]:

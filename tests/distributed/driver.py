@@ -37,6 +37,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--te", action="store_true", help="TransformerEngine layer spec (GPU)")
     parser.add_argument("--save-adapter", help="write the adapter archive here after training")
     parser.add_argument("--load-adapter", help="start from this adapter archive (model.peft.restore_from_path)")
+    parser.add_argument("--logits-out", help="no training: run one validation batch and write the full-vocabulary "
+                        "logits of the model's output layer here (from the last stage's TP rank 0)")
     parser.add_argument("--skip-grad-sum", action="store_true",
                         help="negative control: disable the TP/PP gradient sums (the equivalence must then fail)")
     return parser.parse_args()
@@ -99,7 +101,15 @@ def main() -> None:
         parallel.reduce_adapter_grads = lambda chunks: None
 
     recorder = Recorder()
+    if args.logits_out:
+        with open_dict(cfg):
+            cfg.trainer.limit_val_batches = 1
     trainer, model, _, _ = build(cfg, callbacks=[recorder])
+    if args.logits_out:
+        write_logits(trainer, model, args.logits_out)
+        if torch.distributed.get_rank() == 0:
+            torch.save({"logits_out": args.logits_out}, args.out)
+        return
     if args.steps > 0:
         trainer.fit(model)
     if args.save_adapter:
@@ -116,6 +126,31 @@ def main() -> None:
         torch.save({"losses": recorder.losses, "grad_norms": recorder.grad_norms, "state": state,
                     "replicas_checked": checked, "step_seconds": recorder.step_seconds,
                     "reduction": {"calls": STATS.calls, "bytes": STATS.bytes, "seconds": STATS.seconds}}, args.out)
+
+
+def write_logits(trainer, model, out: str) -> None:
+    """Validate on one batch; the output layer's logits (gathered over TP) go to `out` from one rank."""
+    from megatron.core import parallel_state
+
+    captured = []
+    hook = None
+    module = model.model[-1] if isinstance(model.model, list) else model.model
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        hook = module.output_layer.register_forward_hook(
+            lambda _module, _inputs, output: captured.append(output[0].detach().clone()) if not captured else None)
+    trainer.validate(model)
+    if hook is not None:
+        hook.remove()
+        logits = captured[0]
+        group = parallel_state.get_tensor_model_parallel_group()
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        if size > 1:
+            parts = [torch.empty_like(logits) for _ in range(size)]
+            torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+            logits = torch.cat(parts, dim=-1)
+        if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+            torch.save(logits, out)
+    torch.distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ which NeMo's batch sampler and Lightning's restored loop state used to disagree 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.integration.conftest import finetune_cfg
 from tests.integration.test_nemo_tiedlora import _Recorder
@@ -15,7 +16,7 @@ from tests.integration.test_nemo_tiedlora import _Recorder
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _run(tiny, log_dir, steps: int, resume: bool, stop_after: int | None = None):
+def _run(tiny, log_dir, steps: int, resume: bool, stop_after: int | None = None, always_save_nemo=False):
     from omegaconf import open_dict
 
     from nemo_tiedlora.nemo.finetune import finetune
@@ -33,6 +34,7 @@ def _run(tiny, log_dir, steps: int, resume: bool, stop_after: int | None = None)
         cfg.exp_manager.checkpoint_callback_params.save_top_k = -1
         cfg.exp_manager.checkpoint_callback_params.save_last = True
         cfg.exp_manager.checkpoint_callback_params.save_nemo_on_train_end = False
+        cfg.exp_manager.checkpoint_callback_params.always_save_nemo = always_save_nemo
     recorder = _Recorder()
     callbacks = [recorder]
     if stop_after is not None:
@@ -45,13 +47,25 @@ def _run(tiny, log_dir, steps: int, resume: bool, stop_after: int | None = None)
 
         callbacks.append(Interrupt())
     finetune(cfg, callbacks=callbacks)
-    return recorder.losses
+    return recorder
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
-    uninterrupted = _run(tiny, tmp_path / "straight", 6, resume=False)
-    first = _run(tiny, tmp_path / "interrupted", 6, resume=False, stop_after=3)
-    second = _run(tiny, tmp_path / "interrupted", 6, resume=True)
-    assert len(uninterrupted) == 6 and len(first) == 3 and len(second) == 3
-    assert first == pytest.approx(uninterrupted[:3], rel=1e-6)
+    from nemo_tiedlora.checkpoint import is_tiedlora_archive, load_archive
+    from nemo_tiedlora.nemo.state import gather_adapter_state
+
+    uninterrupted = _run(tiny, tmp_path / "straight", 6, resume=False).losses
+    first = _run(tiny, tmp_path / "interrupted", 6, resume=False, stop_after=3, always_save_nemo=True)
+    second = _run(tiny, tmp_path / "interrupted", 6, resume=True).losses
+    assert len(uninterrupted) == 6 and len(first.losses) == 3 and len(second) == 3
+    assert first.losses == pytest.approx(uninterrupted[:3], rel=1e-6)
     assert second == pytest.approx(uninterrupted[3:], rel=1e-6)
+    # The adapter .nemo written during training (always_save_nemo, at the step-3 checkpoint, before the
+    # interruption) is the Tied-LoRA archive and holds the adapter as it was at that step.
+    saved = sorted((tmp_path / "interrupted" / "checkpoints").glob("*.nemo"))
+    assert saved and all(is_tiedlora_archive(path) for path in saved)
+    at_interruption = gather_adapter_state(first.module)
+    archive = load_archive(saved[0]).tensors
+    assert sorted(archive) == sorted(at_interruption)
+    for key, tensor in at_interruption.items():
+        assert torch.equal(archive[key], tensor.to(archive[key].dtype)), key

@@ -95,3 +95,54 @@ def test_adapter_for_another_base_shape_is_refused(trained, tmp_path):
     with pytest.raises(TiedLoraCheckpointError) as error:
         merge(base=base, adapter=foreign, out=tmp_path / "m.nemo")
     assert "num_layers=3" in str(error.value) and "num_layers=2" in str(error.value)
+
+
+def test_nemo_lora_export_loads_in_nemo_lora_with_the_same_logits(trained, tiny):
+    """The export is NeMo's own lora format: NeMo's LoRA (peft_scheme=lora) restores it through load_adapters
+    (which insists on exactly its adapter keys) and computes the Tied-LoRA model's logits."""
+    from omegaconf import open_dict
+
+    from nemo_tiedlora.nemo.finetune import build
+    from nemo_tiedlora.nemo.tools import export_nemo_lora
+
+    base, adapter, logits, tokens, positions, _, work = trained
+    out = export_nemo_lora(adapter=adapter, base=base, out=work / "exported_lora.nemo")
+    _, data, _ = tiny
+    cfg = finetune_cfg(base, data, work / "lora_load")
+    with open_dict(cfg):
+        cfg.exp_manager = None
+        cfg.model.peft.peft_scheme = "lora"
+        cfg.model.peft.lora_tuning.adapter_dim = 4  # what the Tied-LoRA adapter was: rank 4, alpha 8
+        cfg.model.peft.lora_tuning.alpha = 8
+        cfg.model.peft.restore_from_path = str(out)
+    _, model, _, _ = build(cfg)
+    assert any("lora_kqv_adapter" in name for name, _ in model.named_parameters())
+    model.model.eval()
+    with torch.no_grad():
+        lora_logits = model.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    torch.testing.assert_close(lora_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trained):
+    """The NeMo-style script beside the CLI: a legacy (per-rank format) TP1 output that NeMo restores strictly."""
+    import os
+    import tarfile
+    from pathlib import Path
+
+    from nemo_tiedlora.nemo.tools import _restore_base
+
+    base, adapter, logits, tokens, positions, _, work = trained
+    out = work / "merged_legacy.nemo"
+    script = Path(__file__).resolve().parents[2] / "examples/nlp/language_modeling/tuning/megatron_gpt_tiedlora_merge.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, str(script), f"base={base}", f"adapter={adapter}", f"out={out}",
+                             "format=legacy"], capture_output=True, text=True, env=env, cwd=work, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with tarfile.open(out) as tar:
+        names = {m.name.lstrip("./") for m in tar.getmembers()}
+    assert "model_weights.ckpt" in names and not any(n.startswith("model_weights/") for n in names)
+    merged = _restore_base(out)
+    merged.model.eval()
+    with torch.no_grad():
+        merged_logits = merged.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-4)
