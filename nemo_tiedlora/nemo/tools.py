@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -131,10 +132,25 @@ def export_hf_peft(*, adapter: Path, base: Path, out: Path, base_out: Optional[P
     config, tensors = hf_peft_adapter(archive.tensors, archive.config, shape)
     written["adapter"] = write_hf_peft(out, config, tensors, overwrite=overwrite)
     if base_out is not None:
-        model = _restore_base(Path(base))
-        state, llama_cfg = nemo_gpt_to_hf_llama(model.model.state_dict(), model.cfg)
+        from nemo_tiedlora.convert import read_base
+
+        source = read_base(Path(base))  # either checkpoint format, any TP/PP
+        state, llama_cfg = nemo_gpt_to_hf_llama(source.state, source.cfg)
         written["base"] = write_hf_model(base_out, state, llama_cfg, overwrite=overwrite)
     return written
+
+
+def _loadable_at_tp1(base: Path, workdir: Path) -> Path:
+    """`base` itself if NeMo can restore it at TP1/PP1 (a distributed checkpoint, or legacy saved at TP1/PP1);
+    otherwise a TP1 legacy copy of it in `workdir` (a legacy archive loads only at the layout it was saved at)."""
+    from nemo_tiedlora.convert import checkpoint_format, layout_for, read_base, write_legacy
+
+    cfg = base_config(base)
+    if checkpoint_format(base) == "dist" or (int(cfg.get("tensor_model_parallel_size", 1)) == 1
+                                             and int(cfg.get("pipeline_model_parallel_size", 1)) == 1):
+        return base
+    source = read_base(base)
+    return write_legacy(source, workdir / "base_tp1.nemo", layout_for(source.cfg, 1, 1))
 
 
 def _batch_sizes_in_force() -> Optional[dict[str, int]]:
@@ -184,23 +200,29 @@ def export_nemo_lora(*, adapter: Path, base: Path, out: Path, overwrite: bool = 
         lora.update(variant="nemo", target_modules=["attention_qkv"], adapter_dim=int(tcfg.rank),
                     alpha=float(tcfg.resolved_alpha), adapter_dropout=0.0, weight_tying=False)
         lora.layer_selection = None if sorted(factors) == list(range(1, num_layers + 1)) else sorted(factors)
-    _, model, _, _ = build(cfg)
-    scale = float(tcfg.scale)
-    written = set()
-    with torch.no_grad():
-        for layer in model.model.decoder.layers:
-            number = layer.layer_number
-            if number not in factors:
-                continue
-            lora_module = layer.self_attention.get_adapter_module("lora_kqv_adapter")
-            a_l, b_l = factors[number]
-            lora_module.linear_in.weight.copy_(a_l.to(torch.float32))
-            lora_module.linear_out.weight.copy_(b_l.to(torch.float32) / scale)  # NeMo applies alpha/r itself
-            written.add(number)
-    if written != set(factors):
-        raise TiedLoraCheckpointError(f"NeMo's LoRA model has no adapter on layers {sorted(set(factors) - written)}")
-    model.setup_complete = True  # NeMo's PEFT state: the adapter weights only, in NeMo's per-rank format
-    return _save_to(model, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # NeMo reads the tokenizer from the restored archive when it saves: the TP1 copy (if any) lives until then.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        with open_dict(cfg):
+            cfg.model.restore_from_path = str(_loadable_at_tp1(Path(base), Path(tmp)))
+        _, model, _, _ = build(cfg)
+        scale = float(tcfg.scale)
+        written = set()
+        with torch.no_grad():
+            for layer in model.model.decoder.layers:
+                number = layer.layer_number
+                if number not in factors:
+                    continue
+                lora_module = layer.self_attention.get_adapter_module("lora_kqv_adapter")
+                a_l, b_l = factors[number]
+                lora_module.linear_in.weight.copy_(a_l.to(torch.float32))
+                lora_module.linear_out.weight.copy_(b_l.to(torch.float32) / scale)  # NeMo applies alpha/r itself
+                written.add(number)
+        if written != set(factors):
+            missing = sorted(set(factors) - written)
+            raise TiedLoraCheckpointError(f"NeMo's LoRA model has no adapter on layers {missing}")
+        model.setup_complete = True  # NeMo's PEFT state: the adapter weights only, in NeMo's per-rank format
+        return _save_to(model, out)
 
 
 def inspect_adapter(adapter: Path) -> dict[str, Any]:

@@ -120,3 +120,34 @@ def test_merge_of_a_legacy_base_into_a_legacy_uneven_pp_archive(dist_base, adapt
     expected = logits(dist_base, "adapter_tp1", 1, "--load-adapter", str(adapter))
     loaded = logits(dist_base, "merged_legacy_pp2_uneven", 2, "--pp", "2", "--first-stage-layers", "3", base=merged)
     assert_same_logits(loaded, expected, "legacy TP2xPP2 base merged into a legacy PP2 (3+1) archive")
+
+
+def test_exports_read_a_legacy_tp2pp2_base_like_the_original(dist_base, adapter, legacy_tp2pp2):
+    """export --base-out (HF) and --format nemo-lora need the whole base: from the legacy TP2xPP2 archive they write
+    the same tensors as from the original distributed checkpoint (whose exports are checked against transformers +
+    peft and NeMo's LoRA logits in tests/integration)."""
+    from safetensors.torch import load_file
+
+    base, _, work = dist_base
+    results = {}
+    for label, source in (("dist", base), ("legacy", legacy_tp2pp2)):
+        hf, hf_base, lora = work / f"hf_{label}", work / f"hf_base_{label}", work / f"lora_{label}.nemo"
+        for args in (("--format", "hf-peft", "--out", str(hf), "--base-out", str(hf_base)),
+                     ("--format", "nemo-lora", "--out", str(lora))):
+            log = work / f"export_{label}_{args[1]}.log"
+            result = cli("export", "--adapter", str(adapter), "--base", str(source), *args, "--overwrite", log=log)
+            assert result.returncode == 0, log.read_text()[-3000:]
+        with tarfile.open(lora) as tar:
+            member = next(m for m in tar.getmembers() if m.name.lstrip("./") == "model_weights.ckpt")
+            lora_state = torch.load(tar.extractfile(member), weights_only=True)
+        base_state = {}
+        for file in sorted(hf_base.glob("*.safetensors")):
+            base_state.update(load_file(file))
+        results[label] = (base_state, lora_state)
+    for index, what in ((0, "HF base"), (1, "NeMo lora adapter")):
+        original, from_legacy = results["dist"][index], results["legacy"][index]
+        assert original and sorted(from_legacy) == sorted(original), what
+        for key, tensor in original.items():
+            if isinstance(tensor, torch.Tensor):
+                assert torch.equal(from_legacy[key], tensor), f"{what}: {key}"
+    assert any("lora_kqv_adapter.linear_in" in key for key in results["dist"][1])
