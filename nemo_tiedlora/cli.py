@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nemo_tiedlora.study.report import add_report_parser
 
     add_report_parser(subparsers)
+    from nemo_tiedlora.study.sweep import add_sweep_parser
+
+    add_sweep_parser(subparsers)
     _add_bench(subparsers)
     _add_compat(subparsers)
     return parser

@@ -1,0 +1,86 @@
+"""``python -m nemo_tiedlora sweep`` for real: lora + tl6 on the tiny base and the SQuAD sample through NeMo's entry
+scripts (fine-tune with early stopping, generate, score), then ``report`` reads the results file; a second sweep
+with the same config resumes and runs nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from nemo_tiedlora.cli import main as cli_main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MAX_STEPS, VAL_EVERY, RANK, LR = 8, 2, 2, 1.0e-2
+
+
+def _closed_form(spec, preset: str, rank: int) -> int:
+    """Trainable parameters worked out here from the base's shape (GQA fused QKV width)."""
+    d, layers = spec.hidden_size, spec.num_layers
+    head = d // spec.num_attention_heads
+    out = spec.num_attention_heads * head + 2 * spec.num_query_groups * head
+    if preset == "lora":  # A [r, d] and B [out, r] per layer
+        return layers * (rank * d + out * rank)
+    if preset == "tl6":  # one shared A and B, u [r] and v [out] per layer
+        return rank * d + out * rank + layers * (rank + out)
+    raise ValueError(preset)
+
+
+def test_sweep_runs_stops_early_and_reports(tiny, tmp_path, capsys):
+    base, _, spec = tiny
+    out = tmp_path / "sweep"
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "task: squad\n"
+        "data: sample\n"
+        f"base: {base}\n"
+        f"output: {out}\n"
+        "presets: [lora, tl6]\n"
+        f"ranks: [{RANK}]\n"
+        f"lrs: [{LR!r}]\n"
+        f"training: {{max_steps: {MAX_STEPS}, val_check_interval: {VAL_EVERY}, global_batch_size: 4, "
+        "micro_batch_size: 4, max_seq_length: 64}\n"
+        # no later validation can beat the first by 1e9: the second validation (step 4) stops training
+        "early_stopping: {enabled: true, monitor: validation_loss, patience: 1, min_delta: 1.0e9}\n"
+        "generation: {tokens_to_generate: 4, batch_size: 8}\n"
+    )
+    assert cli_main(["sweep", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "% best lora" in printed and f"results: {out / 'results.csv'}" in printed  # the summary table
+
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["task"], r["preset"], r["rank"], float(r["lr"])) for r in rows] == [
+        ("squad", "lora", str(RANK), LR), ("squad", "tl6", str(RANK), LR)]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    lora, tl6 = (_closed_form(spec, preset, RANK) for preset in ("lora", "tl6"))
+    assert [int(r["trainable_params"]) for r in rows] == [lora, tl6]
+    assert float(rows[0]["percent_of_best_lora"]) == pytest.approx(100.0)
+    assert float(rows[1]["percent_of_best_lora"]) == pytest.approx(100.0 * tl6 / lora)
+    for row in rows:
+        assert 0.0 <= float(row["metric"]) <= 100.0 and row["metric_name"] == "exact match"
+        # stopped at the second validation, before max_steps
+        assert int(row["steps_run"]) == 2 * VAL_EVERY < MAX_STEPS
+        assert row["early_stopped"] == "true"
+        assert "Signaling Trainer to stop" in Path(row["finetune_log"]).read_text()
+        assert float(row["best_val_loss"]) > 0
+        assert Path(row["adapter"]).is_file() and row["adapter"].endswith(".nemo")
+        assert Path(row["generate_log"]).is_file()
+    json_rows = json.loads((out / "results.json").read_text())
+    assert [r["trainable_params"] for r in json_rows] == [lora, tl6]
+    assert [r["early_stopped"] for r in json_rows] == [True, True]
+
+    report = tmp_path / "report"
+    assert cli_main(["report", str(out / "results.csv"), "--out", str(report)]) == 0
+    table = (report / "table.md").read_text()
+    assert "| lora |" in table and "| tl6 |" in table and f"({100.0 * tl6 / lora:.3g}%)" in table
+    assert (report / "metric_vs_rank.png").stat().st_size > 0
+
+    # same config again: both runs are recorded ok, nothing runs and the file keeps its rows
+    before = (out / "results.csv").read_text()
+    assert cli_main(["sweep", "--config", str(config)]) == 0
+    assert "resuming: 2 of 2" in capsys.readouterr().out
+    assert (out / "results.csv").read_text() == before
