@@ -344,7 +344,9 @@ def shard(state: dict[str, Any], cfg: Any, layout: Layout, tp_rank: int, pp_rank
             value = _split_column(value, layout.tp, tp_rank, gated and key.endswith("linear_fc1.weight"))
         elif rule == "row":
             value = value.chunk(layout.tp, dim=1)[tp_rank]
-        out[local] = value.clone()  # a view would save its whole storage
+        # torch.save writes a tensor's whole storage: a slice is copied out, a whole tensor is saved as it is
+        whole = value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        out[local] = value if whole else value.clone()
     if last and layout.pp > 1 and tied:
         embedding = _repad(state["model.embedding.word_embeddings.weight"], vocab_rows)
         out["model.output_layer.weight"] = embedding.chunk(layout.tp, dim=0)[tp_rank].clone()

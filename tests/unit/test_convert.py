@@ -108,7 +108,8 @@ def test_unshard_inverts_shard_and_refuses_unknown_tp_differences():
     for key, value in state.items():
         if value is not None:
             assert torch.equal(back[key], value), key
-    shards[(1, 0)]["model.decoder.layers.0.input_layernorm.weight"] += 1.0  # a replicated tensor that differs
+    key = "model.decoder.layers.0.input_layernorm.weight"
+    shards[(1, 0)][key] = shards[(1, 0)][key] + 1.0  # a replicated tensor that differs between TP ranks
     with pytest.raises(TiedLoraCheckpointError, match="input_layernorm.weight differs between tensor-parallel ranks"):
         unshard(shards, c, layout)
 
