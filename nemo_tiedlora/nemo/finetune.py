@@ -91,15 +91,16 @@ def _final_nemo(log_dir: Any) -> Optional[Path]:
     return candidates[-1] if candidates else None
 
 
-def evaluate(cfg: DictConfig) -> Any:
-    """Generate with a base .nemo (+ adapter .nemo) on model.data.test_ds, as NeMo's megatron_gpt_generate.py."""
+def load_for_inference(cfg: DictConfig) -> tuple[Any, Any]:
+    """trainer and frozen SFT model: the base .nemo (model.restore_from_path) with the adapter .nemo
+    (model.peft.restore_from_path, if any) loaded, as NeMo's megatron_gpt_generate.py builds them."""
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
+
+    from nemo_tiedlora.checkpoint import is_tiedlora_archive
 
     _prepare(cfg)
     trainer = _build_trainer(cfg)
     adapter = cfg.model.peft.get("restore_from_path")
-    from nemo_tiedlora.checkpoint import is_tiedlora_archive
-
     # A Tied-LoRA archive is TP/PP-independent: take the inference config from the base (NeMo would insist that the
     # adapter's training TP/PP equal the evaluation's).
     tiedlora = bool(adapter) and is_tiedlora_archive(Path(adapter))
@@ -109,6 +110,12 @@ def evaluate(cfg: DictConfig) -> Any:
     if adapter:
         model.load_adapters(adapter)
     model.freeze()
+    return trainer, model
+
+
+def evaluate(cfg: DictConfig) -> Any:
+    """Generate with a base .nemo (+ adapter .nemo) on model.data.test_ds, as NeMo's megatron_gpt_generate.py."""
+    trainer, model = load_for_inference(cfg)
     with open_dict(cfg):
         if not cfg.model.get("use_flash_attention", False):
             cfg.inference.compute_attention_mask = True

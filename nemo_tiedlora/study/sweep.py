@@ -19,10 +19,10 @@ interrupted sweep keeps what finished; running the same config again skips the r
 the same training, data and base: see ``fingerprint``) and re-runs the others. ``python -m nemo_tiedlora report
 results.csv`` turns the file into the paper-style table and plots.
 
-HellaSwag is scored from generated text: the generate script returns text, not per-ending log-likelihoods, so a
-prediction counts when its first line equals the labelled ending after SQuAD normalization
-(:meth:`~nemo_tiedlora.study.tasks.hellaswag.HellaSwagTask.score`), not by the paper's log-likelihood ranking
-(:meth:`~nemo_tiedlora.study.tasks.hellaswag.HellaSwagTask.score_loglik`).
+Multiple choice (HellaSwag) is scored as in the paper, by the log-likelihood of each ending: step 2 is then
+``python -m nemo_tiedlora.study.loglik`` (the model loaded as the generate script loads it, every ending's summed
+log-probability given the prompt, :meth:`~nemo_tiedlora.study.tasks.hellaswag.HellaSwagTask.score_loglik`), whose
+``metric`` is the per-character-normalized accuracy (``accuracy`` is the raw one).
 
 Nothing here imports NeMo: the parent process only orchestrates, so a bad config fails in a second.
 """
@@ -708,6 +708,22 @@ def generate_args(ctx: SweepContext, *, adapter: Path, prefix: Path) -> list[str
     ]
 
 
+def loglik_args(ctx: SweepContext, *, adapter: Path, out: Path) -> list[str]:
+    """The command line of the log-likelihood scorer (multiple choice) on the test split with ``adapter``."""
+    g = ctx.cfg.generation
+    return [
+        sys.executable, "-m", "nemo_tiedlora.study.loglik",
+        "--base", str(ctx.base),
+        "--adapter", str(adapter),
+        "--task", ctx.cfg.task,
+        "--data", str(ctx.source),
+        "--split", "test",
+        "--out", str(out),
+        "--batch-size", str(g.batch_size),
+        "--max-seq-length", str(g.max_seq_length or ctx.cfg.training.max_seq_length),
+    ]
+
+
 def _training_record(log_dir: Path, monitor: str) -> tuple[int | None, float | None]:
     """(steps run, best value of ``monitor``) from the run's TensorBoard events (exp_manager's logger).
 
@@ -809,6 +825,14 @@ def _execute(spec: RunSpec, ctx: SweepContext, record: dict[str, Any]) -> None:
 
     predictions = ctx.out / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
+    if hasattr(task, "score_loglik"):  # multiple choice: the paper ranks the endings by log-likelihood
+        scores_file = predictions / f"{spec.name}.loglik.json"
+        scores_file.unlink(missing_ok=True)
+        with _quiet(ctx.verbose):
+            _run(loglik_args(ctx, adapter=adapter, out=scores_file), log=generate_log, title=f"score {spec.name}")
+        scores = json.loads(scores_file.read_text())
+        record.update(metric=float(scores["metric"]), scores={k: v for k, v in scores.items() if k != "metric"})
+        return
     prefix = predictions / spec.name
     for stale in predictions.glob(f"{spec.name}_*.jsonl"):
         stale.unlink()

@@ -84,3 +84,29 @@ def test_sweep_runs_stops_early_and_reports(tiny, tmp_path, capsys):
     assert cli_main(["sweep", "--config", str(config)]) == 0
     assert "resuming: 2 of 2" in capsys.readouterr().out
     assert (out / "results.csv").read_text() == before
+
+
+def test_hellaswag_sweep_is_scored_by_log_likelihood(tiny, tmp_path):
+    """Multiple choice goes through the log-likelihood scorer: the row carries raw and per-character accuracy over
+    every test item, and the metric is the per-character one."""
+    from nemo_tiedlora.study.tasks import TASKS
+
+    base, _, _ = tiny
+    out = tmp_path / "sweep"
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "task: hellaswag\ndata: sample\n"
+        f"base: {base}\noutput: {out}\n"
+        "presets: [tl6]\nranks: [2]\nlrs: [1.0e-2]\n"
+        "training: {max_steps: 2, val_check_interval: 2, global_batch_size: 4, micro_batch_size: 4, "
+        "max_seq_length: 128}\n"
+        "early_stopping: {enabled: false}\n"
+        "generation: {tokens_to_generate: 4, batch_size: 8}\n"
+    )
+    assert cli_main(["sweep", "--config", str(config)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["ok"]
+    scores = json.loads(next((out / "predictions").glob("*.loglik.json")).read_text())
+    assert rows[0]["metric"] == pytest.approx(scores["accuracy_norm"])
+    sample = TASKS["hellaswag"].write_sample(tmp_path / "same-sample")  # the sample is generated deterministically
+    assert scores["count"] == len(TASKS["hellaswag"].load(sample, "test")) > 0

@@ -347,3 +347,14 @@ def test_finetune_command_carries_early_stopping_and_budget(tmp_path):
     generate = sweep.generate_args(ctx, adapter=Path("/a.nemo"), prefix=tmp_path / "p")
     assert "model.peft.restore_from_path=/a.nemo" in generate
     assert "model.data.test_ds.file_names=[/d/test.jsonl]" in generate
+
+
+def test_multiple_choice_is_scored_by_the_loglik_script(tmp_path):
+    """HellaSwag goes through the log-likelihood scorer (the paper's protocol), not through generation."""
+    cfg = parse_config(_config(tmp_path, task="hellaswag"))
+    ctx = SweepContext(cfg=cfg, base=Path("/b/base.nemo"), shape=SHAPE, sft={"test": Path("/d/test.jsonl")},
+                       source=tmp_path, out=tmp_path, fingerprint="x")
+    args = sweep.loglik_args(ctx, adapter=Path("/a.nemo"), out=tmp_path / "s.json")
+    assert args[1:3] == ["-m", "nemo_tiedlora.study.loglik"]
+    assert args[args.index("--adapter") + 1] == "/a.nemo" and args[args.index("--split") + 1] == "test"
+    assert args[args.index("--data") + 1] == str(ctx.source) and args[args.index("--task") + 1] == "hellaswag"
