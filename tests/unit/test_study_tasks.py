@@ -39,7 +39,7 @@ def _perfect(task: TaskAdapter, examples: list[Example]) -> list[object]:
 
 
 def test_registry_names_and_metadata() -> None:
-    assert tuple(TASKS) == TASK_NAMES
+    assert tuple(TASKS) == TASK_NAMES + ("homes",)
     for name, task in TASKS.items():
         assert task.name == name
         assert task.metric_name and task.higher_is_better is True
@@ -333,3 +333,22 @@ def test_iwslt_xml_entities_and_pairing(samples: dict[str, Path]) -> None:
     assert "&" in examples[-1].fields["source"] and "&amp;" not in examples[-1].target
     assert examples[-1].fields["source"].startswith("Die ") and examples[-1].target.startswith("The ")
     assert not math.isnan(TASKS["iwslt2017"].score([e.target for e in examples], examples)["chrf"])
+
+
+def test_homes_task_is_the_demo_task_with_its_metric(tmp_path: Path) -> None:
+    """The embedded default task: the demo's splits, read back item for item, scored by first-word exact match."""
+    from nemo_tiedlora.demo.data import build_task
+
+    task = TASKS["homes"]
+    folder = task.write_sample(tmp_path / "homes")
+    demo = build_task(tmp_path / "demo")
+    for split in SPLITS:
+        records = _records(demo[split])
+        examples = task.load(folder, split)
+        assert [(e.fields["input"], e.target) for e in examples] == [(r["input"], r["output"]) for r in records]
+    examples = task.load(folder, "test")[:4]
+    predictions = [f"{examples[0].target} .", examples[1].target.upper(), "nowhere", f"x {examples[3].target}"]
+    assert task.score(predictions, examples) == {"metric": 50.0, "exact_match": 50.0}
+    assert task.to_sft(examples[:1])[0]["input"] == examples[0].fields["input"]
+    paths = prepare("homes", folder, tmp_path / "sft")  # its own validation split: nothing held out of train
+    assert len(_records(paths["train"])) == len(_records(demo["train"]))

@@ -8,6 +8,7 @@ name           dataset                 metric        files read (in the dataset'
 ``hellaswag``  HellaSwag               accuracy      ``hellaswag_train.jsonl``, ``hellaswag_val.jsonl`` (test)
 ``iwslt2017``  IWSLT 2017 de-en        BLEU          ``train.tags.de-en.{de,en}``, ``IWSLT17.TED.{dev,tst}2010...xml``
 ``gsm8k``      GSM8K                   accuracy      ``train.jsonl``, ``test.jsonl``
+``homes``      the embedded demo task  exact match   ``{train,validation,test}.jsonl`` (the embedded default)
 =============  ======================  ============  ===========================================================
 
 Usage::
@@ -31,15 +32,16 @@ from nemo_tiedlora.study.tasks.base import SPLITS, Example, TaskAdapter, TaskErr
 from nemo_tiedlora.study.tasks.dialogsum import DialogSumTask
 from nemo_tiedlora.study.tasks.gsm8k import Gsm8kTask
 from nemo_tiedlora.study.tasks.hellaswag import HellaSwagTask, Scorer
+from nemo_tiedlora.study.tasks.homes import HomesTask
 from nemo_tiedlora.study.tasks.iwslt import IwsltTask
 from nemo_tiedlora.study.tasks.squad import SquadTask
 
 __all__ = ["SPLITS", "TASKS", "Example", "Scorer", "TaskAdapter", "TaskError", "get_task", "prepare"]
 
 TASKS: dict[str, TaskAdapter] = {
-    task.name: task for task in (SquadTask(), DialogSumTask(), HellaSwagTask(), IwsltTask(), Gsm8kTask())
+    task.name: task for task in (SquadTask(), DialogSumTask(), HellaSwagTask(), IwsltTask(), Gsm8kTask(), HomesTask())
 }
-"""Task name -> adapter, in the paper's order."""
+"""Task name -> adapter: the paper's five in its order, then the embedded default (homes)."""
 
 _MAX_VALIDATION = 500
 _VALIDATION_FRACTION = 0.05
