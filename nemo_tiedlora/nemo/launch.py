@@ -42,6 +42,19 @@ def relaunch_under_torchrun_if_needed(trainer_cfg: Any) -> None:
     os.execv(sys.executable, command)
 
 
+def finish_distributed() -> None:
+    """End of a multi-process script: every rank waits for the others (rank 0 may still be writing the .nemo),
+    then the process groups are torn down explicitly. A gloo rank that simply exits while its threads still run
+    can abort ("terminate called without an active exception", SIGABRT), and torchrun then kills the other ranks,
+    rank 0 included, before its files are written."""
+    import torch
+
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     import socket
 

@@ -50,6 +50,7 @@ def main() -> None:
     from omegaconf import OmegaConf, open_dict
 
     from nemo_tiedlora.nemo.finetune import build
+    from nemo_tiedlora.nemo.launch import finish_distributed
     from nemo_tiedlora.nemo.state import gather_adapter_state
     from nemo_tiedlora.parallel import check_replicas
 
@@ -109,6 +110,7 @@ def main() -> None:
         write_logits(trainer, model, args.logits_out)
         if torch.distributed.get_rank() == 0:
             torch.save({"logits_out": args.logits_out}, args.out)
+        finish_distributed()
         return
     if args.steps > 0:
         trainer.fit(model)
@@ -126,6 +128,8 @@ def main() -> None:
         torch.save({"losses": recorder.losses, "grad_norms": recorder.grad_norms, "state": state,
                     "replicas_checked": checked, "step_seconds": recorder.step_seconds,
                     "reduction": {"calls": STATS.calls, "bytes": STATS.bytes, "seconds": STATS.seconds}}, args.out)
+    finish_distributed()
+
 
 
 def write_logits(trainer, model, out: str) -> None:

@@ -16,6 +16,7 @@ from nemo.core.config import hydra_runner
 
 import nemo_tiedlora  # noqa: F401  (registers the `tiedlora` PEFT scheme)
 from nemo_tiedlora.nemo.finetune import finetune
+from nemo_tiedlora.nemo.launch import finish_distributed
 
 mp.set_start_method("spawn", force=True)
 
@@ -23,6 +24,7 @@ mp.set_start_method("spawn", force=True)
 @hydra_runner(config_path="conf", config_name="megatron_gpt_finetuning_config")
 def main(cfg) -> None:
     finetune(cfg)
+    finish_distributed()
 
 
 if __name__ == "__main__":

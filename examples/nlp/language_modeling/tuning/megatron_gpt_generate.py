@@ -12,6 +12,7 @@ from nemo.core.config import hydra_runner
 
 import nemo_tiedlora  # noqa: F401  (registers the `tiedlora` PEFT scheme)
 from nemo_tiedlora.nemo.finetune import evaluate
+from nemo_tiedlora.nemo.launch import finish_distributed
 
 mp.set_start_method("spawn", force=True)
 
@@ -19,6 +20,7 @@ mp.set_start_method("spawn", force=True)
 @hydra_runner(config_path="conf", config_name="megatron_gpt_generate_config")
 def main(cfg) -> None:
     evaluate(cfg)
+    finish_distributed()
 
 
 if __name__ == "__main__":
