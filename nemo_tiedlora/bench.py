@@ -30,12 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _measure(config: str, *, base: Path, data: Path, rank: int, steps: int, batch: int, work: Path) -> dict[str, Any]:
     """Build the model for `config` through the finetuning path and time `steps` optimizer steps."""
     import torch
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
-    from nemo_tiedlora.nemo.finetune import build
+    from nemo_tiedlora.nemo.finetune import build, tuning_config
 
     torch.set_num_threads(1)  # comparable timings on a shared machine
-    cfg = OmegaConf.load(REPO_ROOT / "examples/nlp/language_modeling/tuning/conf/megatron_gpt_finetuning_config.yaml")
+    cfg = tuning_config("finetuning")
     with open_dict(cfg):
         cfg.trainer.update(accelerator="cpu", devices=1, max_steps=1, enable_progress_bar=False)
         cfg.exp_manager = None

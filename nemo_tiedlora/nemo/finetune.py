@@ -16,6 +16,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 logger = logging.getLogger("nemo_tiedlora")
 
 
+TUNING_CONF = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "language_modeling" / "tuning" / "conf"
+
+
+def tuning_config(name: str = "finetuning") -> DictConfig:
+    """A fresh copy of the YAML an entry script runs with (``examples/.../conf/megatron_gpt_<name>_config.yaml``:
+    ``finetuning``, ``generate``, ``tiedlora_merge``), for code that runs those steps in-process."""
+    path = TUNING_CONF / f"megatron_gpt_{name}_config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run from a checkout of nemo_tiedlora (examples/ is not installed)")
+    return OmegaConf.load(path)
+
+
 def _prepare(cfg: DictConfig) -> None:
     """Fixes and registration first; then settings a CPU run needs (NeMo's defaults assume CUDA + apex)."""
     from nemo_tiedlora.nemo import compat, setup

@@ -172,9 +172,8 @@ def export_nemo_lora(*, adapter: Path, base: Path, out: Path, overwrite: bool = 
     alpha/r), on the same layers (``layer_selection``). NeMo loads it with ``model.peft.peft_scheme=lora``
     ``model.peft.restore_from_path=<out>`` (any NeMo script: megatron_gpt_generate.py, ...).
     """
-    from nemo_tiedlora.demo.run import TUNING_DIR
     from nemo_tiedlora.export import per_layer_lora
-    from nemo_tiedlora.nemo.finetune import build
+    from nemo_tiedlora.nemo.finetune import build, tuning_config
     from nemo_tiedlora.nemo.peft import model_shape
 
     out = Path(out)
@@ -185,7 +184,7 @@ def export_nemo_lora(*, adapter: Path, base: Path, out: Path, overwrite: bool = 
     tcfg = archive.config
     factors = per_layer_lora(archive.tensors, tcfg)
     num_layers = int(archive.shape["num_layers"])
-    cfg = OmegaConf.load(TUNING_DIR / "conf" / "megatron_gpt_finetuning_config.yaml")
+    cfg = tuning_config("finetuning")
     with open_dict(cfg):
         cfg.trainer.update(accelerator="cpu", devices=1, num_nodes=1, logger=False, enable_checkpointing=False)
         cfg.exp_manager = None

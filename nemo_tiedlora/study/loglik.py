@@ -25,9 +25,6 @@ import torch
 
 from nemo_tiedlora.fileio import atomic_write_bytes
 
-TUNING_CONF = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "language_modeling" / "tuning" / "conf"
-
-
 def ending_loglikelihoods(model: torch.nn.Module, items: Sequence[tuple[Sequence[int], int]], *,
                           batch_size: int = 16, pad_id: int = 0) -> list[float]:
     """Summed log-probability of tokens[start:] given tokens[:start], for each (tokens, start) in `items`.
@@ -83,9 +80,9 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], data_cfg: A
 def score(*, base: Path, adapter: Optional[Path], task: str, data: Path, split: str = "test", batch_size: int = 16,
           max_seq_length: int = 2048, accelerator: str = "cpu") -> dict[str, float]:
     """The task's log-likelihood scores of base (+ adapter) on `split` of the dataset in `data`."""
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
-    from nemo_tiedlora.nemo.finetune import load_for_inference
+    from nemo_tiedlora.nemo.finetune import load_for_inference, tuning_config
     from nemo_tiedlora.study.tasks import get_task
 
     adapter_task = get_task(task)
@@ -94,7 +91,7 @@ def score(*, base: Path, adapter: Optional[Path], task: str, data: Path, split: 
     examples = adapter_task.load(Path(data), split)
     pairs = [(context, ending) for example in examples
              for context, endings in [adapter_task.choices(example)] for ending in endings]
-    cfg = OmegaConf.load(TUNING_CONF / "megatron_gpt_generate_config.yaml")
+    cfg = tuning_config("generate")
     with tempfile.TemporaryDirectory(prefix="tiedlora-loglik-") as tmp:
         with open_dict(cfg):
             cfg.trainer.update(accelerator=accelerator, devices=1, num_nodes=1, logger=False)

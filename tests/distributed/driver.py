@@ -49,13 +49,12 @@ def main() -> None:
     from lightning.pytorch import Callback
     from omegaconf import OmegaConf, open_dict
 
-    from nemo_tiedlora.nemo.finetune import build
+    from nemo_tiedlora.nemo.finetune import build, tuning_config
     from nemo_tiedlora.nemo.launch import finish_distributed
     from nemo_tiedlora.nemo.state import gather_adapter_state
     from nemo_tiedlora.parallel import check_replicas
 
-    root = Path(__file__).resolve().parents[2]
-    cfg = OmegaConf.load(root / "examples/nlp/language_modeling/tuning/conf/megatron_gpt_finetuning_config.yaml")
+    cfg = tuning_config("finetuning")
     world = int(os.environ.get("WORLD_SIZE", 1))
     with open_dict(cfg):
         cfg.trainer.update(accelerator=args.accelerator, devices=world, precision=32, max_steps=args.steps, val_check_interval=args.steps,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 REPO = Path(__file__).resolve().parents[2]
-FINETUNE_YAML = REPO / "examples/nlp/language_modeling/tuning/conf/megatron_gpt_finetuning_config.yaml"
 
 # Small enough to restore in seconds; GQA (4 heads, 2 query groups) so the fused QKV width is not 3d.
 TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4, num_query_groups=2,
@@ -30,7 +29,9 @@ def tiny(tmp_path_factory):
 
 def finetune_cfg(base: Path, data, work: Path, **tuning):
     """The project's finetuning YAML with the overrides a CPU test run needs."""
-    cfg = OmegaConf.load(FINETUNE_YAML)
+    from nemo_tiedlora.nemo.finetune import tuning_config
+
+    cfg = tuning_config("finetuning")
     with open_dict(cfg):
         cfg.trainer.accelerator = "cpu"
         cfg.trainer.devices = 1
