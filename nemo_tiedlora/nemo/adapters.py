@@ -57,11 +57,20 @@ def _config(tiedlora: Any) -> TiedLoraConfig:
     return TiedLoraConfig.from_dict(tiedlora)
 
 
+def _to_model_dtype(module: nn.Module, nemo_kwargs: dict[str, Any]) -> None:
+    """Cast the (float32-initialized) factors to the model's parameter dtype, as NeMo's own adapters are built:
+    with megatron_amp_O2 the base is bf16/fp16 and its optimizer keeps float32 main copies of every parameter."""
+    dtype = getattr(nemo_kwargs.get("model_parallel_config"), "params_dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
+        module.to(dtype)
+
+
 class TiedLoraSharedAdapter(SharedFactors, AdapterModuleUtil):
     """SharedFactors as a NeMo adapter module; `adapter_unfreeze` keeps frozen random factors frozen."""
 
     def __init__(self, *, in_features: int, out_features: int, tiedlora: Any, **_nemo_kwargs: Any) -> None:
         super().__init__(_config(tiedlora), in_features=in_features, out_features=out_features)
+        _to_model_dtype(self, _nemo_kwargs)
 
     def adapter_unfreeze(self) -> None:
         self.set_trainable()
@@ -83,6 +92,7 @@ class TiedLoraLayerAdapter(LayerFactors, AdapterModuleUtil):
             layer_number=layer_number,
             shared=_UNBOUND if cfg.flags.tied else None,
         )
+        _to_model_dtype(self, _nemo_kwargs)
 
     def adapter_unfreeze(self) -> None:
         self.set_trainable()

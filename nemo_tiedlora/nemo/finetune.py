@@ -40,7 +40,10 @@ def _prepare(cfg: DictConfig) -> None:
     if cfg.trainer.get("accelerator") != "cpu":
         return
     with open_dict(cfg):
-        cfg.trainer.precision = 32  # no mixed precision on CPU
+        bf16_o2 = bool(cfg.model.get("megatron_amp_O2", False)) and str(cfg.trainer.get("precision")) in (
+            "bf16", "bf16-mixed")
+        if not bf16_o2:  # no autocast mixed precision on CPU; O2's bf16 model copy (VPP needs O2) works
+            cfg.trainer.precision = 32
         cfg.model.use_cpu_initialization = True
         if cfg.model.get("optim") is not None and cfg.model.optim.get("name") == "fused_adam":
             cfg.model.optim.name = "adam"  # fused_adam is apex/CUDA only

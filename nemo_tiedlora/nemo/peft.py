@@ -102,12 +102,14 @@ def check_parallel_layout(cfg: Any, shape: dict[str, int]) -> None:
             f"pipeline_model_parallel_size={pp} exceeds num_layers={layers}: every stage needs at least one layer; "
             f"choose pipeline_model_parallel_size <= {layers}"
         )
-    if vpp and int(vpp) > 1 and layers % (pp * int(vpp)):
+    if vpp and int(vpp) > 1:
         raise TiedLoraConfigError(
-            f"virtual_pipeline_model_parallel_size={vpp} x pipeline_model_parallel_size={pp} does not divide "
-            f"num_layers={layers}: choose sizes whose product divides the layer count"
+            f"virtual_pipeline_model_parallel_size={vpp}: NeMo 2.4.1's GPT models (the 1.x collection) do not build "
+            "interleaved pipelines (nemo/collections/nlp/modules/common/megatron/build_model.py raises 'Virtual "
+            "pipeline model parallel size is no longer supported for nemo 1.0'); remove it"
         )
-    if bool(cfg.get("megatron_amp_O2", False)) and (tp > 1 or pp > 1) and cfg.get("optim", {}).get("name") != "mcore_distributed_optim":
+    distributed_optimizer = cfg.get("optim", {}).get("name") == "mcore_distributed_optim"
+    if bool(cfg.get("megatron_amp_O2", False)) and (tp > 1 or pp > 1) and not distributed_optimizer:
         raise TiedLoraConfigError(
             "megatron_amp_O2=True with TP/PP > 1 keeps gradients in apex's main-params wrapper, where tiedlora cannot "
             "sum its replicated factors: use model.optim.name=mcore_distributed_optim or megatron_amp_O2=False"
@@ -192,6 +194,7 @@ def add_adapter(self: NLPAdapterModelMixin, peft_cfgs: Any) -> None:
         self._tiedlora_check_every = tied_cfgs[0].check_replicas_every
         self._tiedlora_steps = 0
         _OWNERS[id(_model_chunks(self)[0])] = self
+        _hook_finalize_model_grads()
         log_parameter_summary(self, tied_cfgs[0])
 
 
@@ -254,8 +257,11 @@ def iter_shared_adapters(model: NLPAdapterModelMixin) -> Iterable[Any]:
 
 def register() -> None:
     """Make `tiedlora` a NeMo PEFT scheme and hook its gradient sums into NeMo's step (idempotent)."""
-    import nemo.collections.nlp.models.language_modeling.megatron_gpt_model as gpt_model
+    import importlib
+
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
+
+    importlib.import_module("nemo.collections.nlp.models.language_modeling.megatron_gpt_model")
 
     PEFT_CONFIG_MAP[SCHEME] = TiedLoraPEFTConfig
     nemo_peft_config.TiedLoraPEFTConfig = TiedLoraPEFTConfig
@@ -267,6 +273,19 @@ def register() -> None:
     # Plain optimizers: NeMo's training_step calls allreduce_gradients (DP all-reduce) after the pipeline.
     if not getattr(MegatronBaseModel.allreduce_gradients, "_nemo_tiedlora", False):
         MegatronBaseModel.allreduce_gradients = _wrap_allreduce_gradients(MegatronBaseModel.allreduce_gradients)
-    # Distributed optimizer: fwd_bwd_step installs megatron's finalize_model_grads (DP reduce-scatter).
-    if not getattr(gpt_model.finalize_model_grads, "_nemo_tiedlora", False):
-        gpt_model.finalize_model_grads = _wrap_finalize_model_grads(gpt_model.finalize_model_grads)
+    _hook_finalize_model_grads()
+
+
+def _hook_finalize_model_grads() -> None:
+    """Distributed optimizer: fwd_bwd_step installs megatron's finalize_model_grads (DP reduce-scatter) as the
+    schedule's last step. The GPT model and the SFT model (which overrides fwd_bwd_step) each import their own
+    reference to it: wrap both. Idempotent; called again when adapters are added, because register() can run while
+    the SFT module is still being imported (its name does not exist yet)."""
+    import sys
+
+    for name in ("nemo.collections.nlp.models.language_modeling.megatron_gpt_model",
+                 "nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model"):
+        module = sys.modules.get(name)
+        original = getattr(module, "finalize_model_grads", None) if module is not None else None
+        if original is not None and not getattr(original, "_nemo_tiedlora", False):
+            module.finalize_model_grads = _wrap_finalize_model_grads(original)

@@ -28,6 +28,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--vpp", type=int, default=None, help="virtual_pipeline_model_parallel_size")
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--o2", action="store_true", help="megatron_amp_O2 with a bf16 model (VPP needs it)")
     parser.add_argument("--optim", default="adam")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gbs", type=int, default=8)
@@ -68,6 +69,9 @@ def main() -> None:
             cfg.model.transformer_engine = True
         if args.vpp:
             cfg.model.virtual_pipeline_model_parallel_size = args.vpp
+        if args.o2:
+            cfg.model.megatron_amp_O2 = True
+            cfg.trainer.precision = "bf16-mixed"
         if args.first_stage_layers:
             cfg.model.num_layers_in_first_pipeline_stage = args.first_stage_layers
         cfg.model.optim = OmegaConf.create({"name": args.optim, "lr": 5e-3, "weight_decay": 0.0, "betas": [0.9, 0.98]})

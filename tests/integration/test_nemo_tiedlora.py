@@ -226,7 +226,7 @@ def test_bad_config_fails_before_training(tuning, words, tiny, tmp_path):
     [
         (dict(tensor_model_parallel_size=4), ["tensor_model_parallel_size=4", "num_query_groups=2", "[1, 2]"]),
         (dict(pipeline_model_parallel_size=3), ["pipeline_model_parallel_size=3", "num_layers=2"]),
-        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), ["virtual_pipeline", "divide"]),
+        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), ["virtual_pipeline", "no longer supported", "remove it"]),
         (dict(tensor_model_parallel_size=2, megatron_amp_O2=True), ["megatron_amp_o2", "mcore_distributed_optim"]),
     ],
 )
