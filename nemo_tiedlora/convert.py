@@ -48,6 +48,8 @@ _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
            "mlp.linear_fc1.bias")
 _ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 _VOCAB = ("model.embedding.word_embeddings.weight", "model.output_layer.weight")
+_LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_in_first_pipeline_stage",
+                "num_layers_in_last_pipeline_stage")
 _GATED = ("swiglu", "fast-swiglu", "geglu", "fast-geglu", "reglu", "fast-reglu")
 
 
@@ -427,10 +429,9 @@ def write_dist(base: BaseCheckpoint, out: Path, layout: Layout, *, vocab_size: O
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         tp1 = write_legacy(base, Path(tmp) / "tp1.nemo", layout_for(base.cfg, 1, 1), vocab_size=vocab_size)
         model = _restore_base(tp1)
+        updated = _updated_cfg(model.cfg, layout)
         with open_dict(model.cfg):
-            updated = _updated_cfg(model.cfg, layout)
-            for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                        "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            for key in _LAYOUT_KEYS:
                 model.cfg[key] = updated[key]
         partial = Path(tmp) / "out.nemo"
         model.save_to(str(partial))
@@ -445,6 +446,9 @@ def convert(src: Path, out: Path, *, tp: int = 1, pp: int = 1, fmt: str = "dist"
     if fmt not in ("dist", "legacy"):
         raise TiedLoraConfigError(f"unknown format {fmt!r}: choose 'dist' or 'legacy'")
     _refuse_existing(Path(out), overwrite)
+    if fmt == "dist" and checkpoint_format(Path(src)) == "dist":
+        return _dist_to_dist(Path(src), Path(out), tp=tp, pp=pp, first_stage_layers=first_stage_layers,
+                             last_stage_layers=last_stage_layers)
     base = read_base(Path(src))
     layout = layout_for(base.cfg, tp, pp, first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
     writer = write_dist if fmt == "dist" else write_legacy
@@ -452,3 +456,18 @@ def convert(src: Path, out: Path, *, tp: int = 1, pp: int = 1, fmt: str = "dist"
     logger.info("converted %s (%s, TP%d PP%d) -> %s (%s, TP%d PP%d %s)", src, base.format, base.source.tp,
                 base.source.pp, out, fmt, tp, pp, layout.stage_layers)
     return written
+
+
+def _dist_to_dist(src: Path, out: Path, *, tp: int, pp: int, first_stage_layers: Optional[int],
+                  last_stage_layers: Optional[int]) -> Path:
+    """A distributed checkpoint already loads at any TP/PP: restore it once and save it with the layout recorded."""
+    from nemo_tiedlora.nemo.tools import _restore_base, _save_to, base_config
+
+    layout = layout_for(base_config(src), tp, pp, first_stage_layers=first_stage_layers,
+                        last_stage_layers=last_stage_layers)
+    model = _restore_base(src)
+    updated = _updated_cfg(model.cfg, layout)
+    with open_dict(model.cfg):
+        for key in _LAYOUT_KEYS:
+            model.cfg[key] = updated[key]
+    return _save_to(model, out)

@@ -146,3 +146,23 @@ def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trai
     with torch.no_grad():
         merged_logits = merged.model(input_ids=tokens, position_ids=positions, attention_mask=None)
     torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_distributed_to_distributed_records_the_layout_and_keeps_the_weights(trained):
+    """dist -> dist: NeMo restores once and saves with the new TP/PP in its config; the weights are untouched."""
+    import tarfile
+
+    from nemo_tiedlora.convert import convert, read_base
+    from nemo_tiedlora.nemo.tools import base_config
+
+    base, _, _, _, _, _, work = trained
+    out = convert(base, work / "base_tp2pp2_dist.nemo", tp=2, pp=2)
+    cfg = base_config(out)
+    assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size) == (2, 2)
+    with tarfile.open(out) as tar:
+        assert any(m.name.lstrip("./").startswith("model_weights/") for m in tar.getmembers())
+    original, converted = read_base(base), read_base(out)
+    assert sorted(converted.state) == sorted(original.state)
+    for key, tensor in original.state.items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(converted.state[key], tensor), key
