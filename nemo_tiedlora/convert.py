@@ -393,6 +393,8 @@ def write_legacy(base: BaseCheckpoint, out: Path, layout: Layout, *, vocab_size:
     _refuse_existing(out, overwrite)
     vocab = vocab_size or original_vocab_size(base.cfg, base.artifacts)
     rows = padded_vocab(vocab, base.cfg, layout.tp)
+    # the vocabulary tensors are re-padded once here, not once per rank
+    state = {key: _repad(value, rows) if key in _VOCAB else value for key, value in base.state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         folder = Path(tmp) / "archive"
@@ -408,7 +410,7 @@ def write_legacy(base: BaseCheckpoint, out: Path, layout: Layout, *, vocab_size:
                     sub = f"mp_rank_{t:02d}" if layout.pp == 1 else f"tp_rank_{t:02d}_pp_rank_{p:03d}"
                     (folder / sub).mkdir()
                     target = folder / sub / WEIGHTS
-                torch.save(shard(base.state, base.cfg, layout, t, p, vocab_rows=rows), target)
+                torch.save(shard(state, base.cfg, layout, t, p, vocab_rows=rows), target)
         partial = Path(tmp) / "out.nemo"
         _tar_folder(folder, partial)
         os.replace(partial, out)
@@ -426,17 +428,22 @@ def write_dist(base: BaseCheckpoint, out: Path, layout: Layout, *, vocab_size: O
     out = Path(out)
     _refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # NeMo reads the tokenizer from the restored archive when it saves: the TP1 copy lives until then.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         tp1 = write_legacy(base, Path(tmp) / "tp1.nemo", layout_for(base.cfg, 1, 1), vocab_size=vocab_size)
-        model = _restore_base(tp1)
-        updated = _updated_cfg(model.cfg, layout)
-        with open_dict(model.cfg):
-            for key in _LAYOUT_KEYS:
-                model.cfg[key] = updated[key]
-        partial = Path(tmp) / "out.nemo"
-        model.save_to(str(partial))
-        os.replace(partial, out)
-    return out
+        return save_with_layout(_restore_base(tp1), layout, out)
+
+
+def save_with_layout(model: Any, layout: Layout, out: Path) -> Path:
+    """NeMo's save_to of a restored model with `layout` (TP, PP, uneven stages) recorded in its config; the
+    distributed checkpoint it writes loads at any TP/PP. Written to a temporary name, renamed at the end."""
+    from nemo_tiedlora.nemo.tools import _save_to
+
+    updated = _updated_cfg(model.cfg, layout)
+    with open_dict(model.cfg):
+        for key in _LAYOUT_KEYS:
+            model.cfg[key] = updated[key]
+    return _save_to(model, Path(out))
 
 
 def convert(src: Path, out: Path, *, tp: int = 1, pp: int = 1, fmt: str = "dist",
@@ -461,13 +468,8 @@ def convert(src: Path, out: Path, *, tp: int = 1, pp: int = 1, fmt: str = "dist"
 def _dist_to_dist(src: Path, out: Path, *, tp: int, pp: int, first_stage_layers: Optional[int],
                   last_stage_layers: Optional[int]) -> Path:
     """A distributed checkpoint already loads at any TP/PP: restore it once and save it with the layout recorded."""
-    from nemo_tiedlora.nemo.tools import _restore_base, _save_to, base_config
+    from nemo_tiedlora.nemo.tools import _restore_base, base_config
 
     layout = layout_for(base_config(src), tp, pp, first_stage_layers=first_stage_layers,
                         last_stage_layers=last_stage_layers)
-    model = _restore_base(src)
-    updated = _updated_cfg(model.cfg, layout)
-    with open_dict(model.cfg):
-        for key in _LAYOUT_KEYS:
-            model.cfg[key] = updated[key]
-    return _save_to(model, out)
+    return save_with_layout(_restore_base(src), layout, out)

@@ -75,7 +75,14 @@ def merge(*, base: Path, adapter: Path, out: Path, tp: int = 1, pp: int = 1, fmt
     `fmt`: 'dist' (loadable at any TP/PP; `tp`/`pp` are recorded in its config) or 'legacy' (one state dict per
     rank of the TP=`tp`, PP=`pp` layout, uneven first stage via `first_stage_layers`).
     """
-    from nemo_tiedlora.convert import checkpoint_format, layout_for, read_base, write_dist, write_legacy
+    from nemo_tiedlora.convert import (
+        checkpoint_format,
+        layout_for,
+        read_base,
+        save_with_layout,
+        write_dist,
+        write_legacy,
+    )
     from nemo_tiedlora.export import per_layer_lora
     from nemo_tiedlora.nemo.peft import model_shape
 
@@ -94,7 +101,7 @@ def merge(*, base: Path, adapter: Path, out: Path, tp: int = 1, pp: int = 1, fmt
         a_l, b_l = factors[layer_number]
         return (b_l.to(torch.float32) @ a_l.to(torch.float32)).to(weight.dtype)
 
-    if checkpoint_format(Path(base)) == "dist" and fmt == "dist" and first_stage_layers is None:
+    if checkpoint_format(Path(base)) == "dist" and fmt == "dist":
         # One copy of the base: restore, add in place layer by layer, let NeMo save.
         model = _restore_base(Path(base))
         with torch.no_grad():
@@ -102,10 +109,7 @@ def merge(*, base: Path, adapter: Path, out: Path, tp: int = 1, pp: int = 1, fmt
                 if layer.layer_number in factors:
                     weight = layer.self_attention.linear_qkv.weight  # [out, d]
                     weight.add_(delta(layer.layer_number, weight))
-        with open_dict(model.cfg):
-            model.cfg.tensor_model_parallel_size = tp
-            model.cfg.pipeline_model_parallel_size = pp
-        _save_to(model, out)
+        save_with_layout(model, layout, out)
     else:
         source = read_base(Path(base))
         for number in sorted(factors):  # layer by layer: one layer's update in memory at a time
