@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from nemo_tiedlora.nemo.launch import free_port
+from tests.script_env import script_env
 
 DRIVER = Path(__file__).with_name("driver.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -31,10 +31,7 @@ def dist_base(tmp_path_factory):
 
 def torchrun(script: Path, nproc: int, args: list[str], log: Path) -> subprocess.CompletedProcess:
     """Launch `script` under torchrun on loopback with a fresh port; output goes to `log`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONWARNINGS"] = "ignore"
-    env["OMP_NUM_THREADS"] = "1"
+    env = script_env()
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args]
     with open(log, "w") as out:

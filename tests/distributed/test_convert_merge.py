@@ -8,7 +8,6 @@ wrong split, a wrong layer offset or a wrong gated-MLP interleave shows up as di
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -18,13 +17,13 @@ import pytest
 import torch
 
 from tests.distributed.conftest import REPO, run_driver
+from tests.script_env import script_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def cli(*args: str, log: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = script_env()
     with open(log, "w") as out:
         return subprocess.run([sys.executable, "-m", "nemo_tiedlora", *args], stdout=out, stderr=subprocess.STDOUT,
                               env=env, cwd=REPO, timeout=900)

@@ -4,7 +4,6 @@ TP/PP-independent state)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from tests.distributed.conftest import REPO
+from tests.script_env import script_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -20,9 +20,7 @@ SCRIPT = REPO / "examples/nlp/language_modeling/tuning/megatron_gpt_finetuning.p
 
 
 def _finetune(base, data, work: Path, name: str, tp: int) -> Path:
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONWARNINGS="ignore",
-               OMP_NUM_THREADS="1")
+    env = script_env()
     command = [
         sys.executable, str(SCRIPT), f"model.restore_from_path={base}", "trainer.accelerator=cpu",
         f"trainer.devices={tp}", f"model.tensor_model_parallel_size={tp}", "trainer.max_steps=4",

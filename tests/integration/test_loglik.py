@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.script_env import script_env
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +48,7 @@ def test_loglik_command_scores_every_test_item(tiny, tmp_path):
     task.write_sample(tmp_path / "hellaswag")
     examples = task.load(tmp_path / "hellaswag", "test")
     out = tmp_path / "scores.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = script_env()
     result = subprocess.run([sys.executable, "-m", "nemo_tiedlora.study.loglik", "--base", str(base), "--task",
                              "hellaswag", "--data", str(tmp_path / "hellaswag"), "--out", str(out),
                              "--max-seq-length", "256"], capture_output=True, text=True, env=env, cwd=REPO,

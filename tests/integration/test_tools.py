@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from tests.integration.conftest import finetune_cfg
+from tests.script_env import script_env
 
 pytestmark = pytest.mark.integration
+
+
+def _logits(model, tokens, positions):
+    """The NeMo model's logits for `tokens` (eval mode, no autograd)."""
+    model.model.eval()
+    with torch.no_grad():
+        return model.model(input_ids=tokens, position_ids=positions, attention_mask=None)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +38,7 @@ def trained(tiny, tmp_path_factory):
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
     tokens = torch.randint(4, 200, (2, spec.seq_length), generator=generator)
     positions = torch.arange(spec.seq_length).unsqueeze(0).expand(2, -1)
-    model.model.eval()
-    with torch.no_grad():
-        logits = model.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    logits = _logits(model, tokens, positions)
     norms = {n: (float(a.factors[2].norm()), float(a.factors[3].norm())) for n, a in iter_layer_adapters(model)}
     path = save_adapter(model, work / "adapter.nemo")
     return base, path, logits, tokens, positions, norms, work
@@ -44,13 +50,10 @@ def test_merged_nemo_reproduces_adapter_logits(trained):
     base, adapter, logits, tokens, positions, _, work = trained
     out = merge(base=base, adapter=adapter, out=work / "merged.nemo")
     merged = _restore_base(out)
-    merged.model.eval()
-    with torch.no_grad():
-        merged_logits = merged.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    merged_logits = _logits(merged, tokens, positions)
     torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-4)
     base_model = _restore_base(base)
-    with torch.no_grad():
-        base_logits = base_model.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    base_logits = _logits(base_model, tokens, positions)
     assert (base_logits - logits).abs().max() > 1e-2  # the adapter changes the model: the check is not vacuous
 
 
@@ -117,15 +120,12 @@ def test_nemo_lora_export_loads_in_nemo_lora_with_the_same_logits(trained, tiny)
         cfg.model.peft.restore_from_path = str(out)
     _, model, _, _ = build(cfg)
     assert any("lora_kqv_adapter" in name for name, _ in model.named_parameters())
-    model.model.eval()
-    with torch.no_grad():
-        lora_logits = model.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    lora_logits = _logits(model, tokens, positions)
     torch.testing.assert_close(lora_logits, logits, rtol=1e-4, atol=1e-4)
 
 
 def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trained):
     """The NeMo-style script beside the CLI: a legacy (per-rank format) TP1 output that NeMo restores strictly."""
-    import os
     import tarfile
     from pathlib import Path
 
@@ -134,7 +134,7 @@ def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trai
     base, adapter, logits, tokens, positions, _, work = trained
     out = work / "merged_legacy.nemo"
     script = Path(__file__).resolve().parents[2] / "examples/nlp/language_modeling/tuning/megatron_gpt_tiedlora_merge.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = script_env()
     result = subprocess.run([sys.executable, str(script), f"base={base}", f"adapter={adapter}", f"out={out}",
                              "format=legacy"], capture_output=True, text=True, env=env, cwd=work, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -142,9 +142,7 @@ def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trai
         names = {m.name.lstrip("./") for m in tar.getmembers()}
     assert "model_weights.ckpt" in names and not any(n.startswith("model_weights/") for n in names)
     merged = _restore_base(out)
-    merged.model.eval()
-    with torch.no_grad():
-        merged_logits = merged.model(input_ids=tokens, position_ids=positions, attention_mask=None)
+    merged_logits = _logits(merged, tokens, positions)
     torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-4)
 
 
