@@ -6,20 +6,27 @@
 u_l [r] and v_l [out] (and A_l, B_l when untied, i.e. plain LoRA) and only *refers* to the shared factors: the
 reference is kept outside torch's module registry, so A and B appear once in `parameters()` and `state_dict()`.
 
+The update runs as the hand-written autograd functions of `fused.py` (rank-sized saved state; the plain
+composition `functional.tied_lora_update` is the reference it is tested against).
+
 Every adapter tensor is stored full-size (unsharded) on every rank. Under tensor parallelism a layer uses the rows
-of B and v that belong to its `linear_qkv` output partition (`out_rows`); the gradients of the other rows are zero
-there and are summed over the TP group (see `parallel.py`). Nothing here imports NeMo or Megatron.
+of B and v that belong to its `linear_qkv` output partition (`out_rows`), and the caller passes the parallel
+`region` that moves `g = u * (A x)` [tokens, r] between ranks: A and u are applied before it, B and v after it.
+Which gradients are then partial and summed over the TP group is in `parallel.py`. Nothing here imports NeMo or
+Megatron.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 from torch import nn
 
 from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.functional import delta_weight, init_factors, tied_lora_update
+from nemo_tiedlora.functional import delta_weight, init_factors
+from nemo_tiedlora.fused import dropout_keep_mask, fused_tied_lora_update
 
 # The one place that lists every adapter parameter name (state-dict keys end in these).
 PARAM_NAMES: dict[str, str] = {"A": "lora_a", "B": "lora_b", "u": "vec_u", "v": "vec_v"}
@@ -29,11 +36,15 @@ FACTOR_OF_PARAM: dict[str, str] = {name: factor for factor, name in PARAM_NAMES.
 REPLICA_TAG = "tiedlora_replica"
 REPLICATED_MODEL_WIDE = "model"  # one logical tensor for the whole model: sum grads over TP, PP and VPP chunks
 REPLICATED_IN_LAYER = "layer"  # belongs to one layer: sum grads over TP only
+# Set on A and u (tied or not): applied before the TP region, so without sequence parallelism their gradients are
+# already complete on every TP rank (parallel.py skips their TP sum); with it they are partial over sequence shards.
+BEFORE_TP_REGION_TAG = "tiedlora_before_tp_region"
 
 
-def _parameter(value: torch.Tensor, *, trainable: bool, replica: str) -> nn.Parameter:
-    param = nn.Parameter(value, requires_grad=trainable)
+def _parameter(cfg: TiedLoraConfig, init: dict[str, torch.Tensor], factor: str, *, replica: str) -> nn.Parameter:
+    param = nn.Parameter(init[factor], requires_grad=cfg.flags.trains(factor))
     setattr(param, REPLICA_TAG, replica)
+    setattr(param, BEFORE_TP_REGION_TAG, factor in ("A", "u"))
     return param
 
 
@@ -46,9 +57,8 @@ class SharedFactors(nn.Module):
             raise ValueError("SharedFactors needs a tied configuration (tied=True); untied A/B live in each layer")
         self.cfg = cfg
         init = init_factors(cfg, in_features=in_features, out_features=out_features, layer_index=None)
-        flags = cfg.flags
-        setattr(self, PARAM_NAMES["A"], _parameter(init["A"], trainable=flags.train_a, replica=REPLICATED_MODEL_WIDE))
-        setattr(self, PARAM_NAMES["B"], _parameter(init["B"], trainable=flags.train_b, replica=REPLICATED_MODEL_WIDE))
+        for factor in ("A", "B"):
+            setattr(self, PARAM_NAMES[factor], _parameter(cfg, init, factor, replica=REPLICATED_MODEL_WIDE))
 
     @property
     def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
@@ -86,15 +96,12 @@ class LayerFactors(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         init = init_factors(cfg, in_features=in_features, out_features=out_features, layer_index=layer_number - 1)
-        setattr(self, PARAM_NAMES["u"], _parameter(init["u"], trainable=flags.train_u, replica=REPLICATED_IN_LAYER))
-        setattr(self, PARAM_NAMES["v"], _parameter(init["v"], trainable=flags.train_v, replica=REPLICATED_IN_LAYER))
-        if not flags.tied:
-            setattr(self, PARAM_NAMES["A"], _parameter(init["A"], trainable=flags.train_a, replica=REPLICATED_IN_LAYER))
-            setattr(self, PARAM_NAMES["B"], _parameter(init["B"], trainable=flags.train_b, replica=REPLICATED_IN_LAYER))
+        for factor in ("u", "v") if flags.tied else ("u", "v", "A", "B"):
+            setattr(self, PARAM_NAMES[factor], _parameter(cfg, init, factor, replica=REPLICATED_IN_LAYER))
         # A plain attribute holding a tuple is invisible to nn.Module's registry: the shared A and B stay owned by
         # the model (one tensor, one state-dict key) although every layer uses them.
         self._shared_ref: tuple[SharedFactors, ...] = (shared,) if flags.tied else ()
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout_p = float(cfg.dropout)  # applied inside the fused update (the keep-mask is what it keeps)
 
     def bind_shared(self, shared: SharedFactors) -> None:
         """Point this layer at (another replica of) the model's shared factors."""
@@ -120,12 +127,24 @@ class LayerFactors(nn.Module):
             getattr(self, PARAM_NAMES["A"]).requires_grad_(flags.train_a)
             getattr(self, PARAM_NAMES["B"]).requires_grad_(flags.train_b)
 
-    def forward(self, x: torch.Tensor, out_rows: Optional[slice] = None) -> torch.Tensor:
-        """The update for input x [..., d]: s * v * (B (u * (A x))) [..., out], or its `out_rows` partition."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        out_rows: Optional[slice] = None,
+        region: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """The update for input x [..., d]: s * v * (B (u * (A x))) [..., out], or its `out_rows` partition.
+
+        `region` (tensor parallelism) moves g = u * (A x) [..., r] between ranks: e.g. megatron's
+        `copy_to_tensor_model_parallel_region`, or `gather_from_sequence_parallel_region` when x is this rank's
+        sequence shard [s/tp, b, d] (the result is then [s, b, out/tp]).
+        """
         a, b, u, v = self.factors
         if out_rows is not None:
             b, v = b[out_rows], v[out_rows]  # this rank's linear_qkv output partition (whole query groups)
-        return tied_lora_update(self.dropout(x), a, b, u, v, self.cfg.scale)
+        keep_mask = dropout_keep_mask(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
+        return fused_tied_lora_update(x, a, b, u, v, self.cfg.scale, keep_mask=keep_mask,
+                                      keep_prob=1.0 - self.dropout_p, region=region)
 
     def delta_weight(self) -> torch.Tensor:
         """s * diag(v) B diag(u) A  [out, d]: what merging adds to W_l."""
