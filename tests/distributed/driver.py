@@ -30,6 +30,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--o2", action="store_true", help="megatron_amp_O2 with a bf16 model (VPP needs it)")
     parser.add_argument("--optim", default="adam")
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--eps", type=float, default=1e-8,
+                        help="Adam's epsilon; with eps >> |grad| Adam is momentum SGD with step lr / eps")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gbs", type=int, default=8)
     parser.add_argument("--mbs", type=int, default=2)
@@ -74,7 +77,8 @@ def main() -> None:
             cfg.trainer.precision = "bf16-mixed"
         if args.first_stage_layers:
             cfg.model.num_layers_in_first_pipeline_stage = args.first_stage_layers
-        cfg.model.optim = OmegaConf.create({"name": args.optim, "lr": 5e-3, "weight_decay": 0.0, "betas": [0.9, 0.98]})
+        cfg.model.optim = OmegaConf.create({"name": args.optim, "lr": args.lr, "weight_decay": 0.0,
+                                           "betas": [0.9, 0.98], "eps": args.eps})
         cfg.model.peft.tiedlora_tuning.preset = args.preset
         cfg.model.peft.tiedlora_tuning.adapter_dim = 4
         cfg.model.peft.tiedlora_tuning.check_replicas_every = 2
@@ -115,6 +119,7 @@ def main() -> None:
             torch.save({"logits_out": args.logits_out}, args.out)
         finish_distributed()
         return
+    initial = gather_adapter_state(model)
     if args.steps > 0:
         trainer.fit(model)
     if args.save_adapter:
@@ -128,7 +133,7 @@ def main() -> None:
     from nemo_tiedlora.parallel import STATS
 
     if torch.distributed.get_rank() == 0:
-        torch.save({"losses": recorder.losses, "grad_norms": recorder.grad_norms, "state": state,
+        torch.save({"losses": recorder.losses, "grad_norms": recorder.grad_norms, "state": state, "initial": initial,
                     "replicas_checked": checked, "step_seconds": recorder.step_seconds,
                     "reduction": {"calls": STATS.calls, "bytes": STATS.bytes, "seconds": STATS.seconds}}, args.out)
     finish_distributed()
