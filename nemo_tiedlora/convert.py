@@ -298,6 +298,11 @@ def original_vocab_size(cfg: Any, artifacts: dict[str, bytes]) -> int:
         processor = sentencepiece.SentencePieceProcessor()
         processor.LoadFromSerializedProto(artifacts[model[5:]])
         return int(processor.get_piece_size())
+    hf_json = str((tok.get("hf_files") or {}).get("tokenizer_json") or "")  # written by import-hf
+    if tok.get("library") == "huggingface" and hf_json.startswith("nemo:") and hf_json[5:] in artifacts:
+        from tokenizers import Tokenizer
+
+        return int(Tokenizer.from_str(artifacts[hf_json[5:]].decode()).get_vocab_size(with_added_tokens=True))
     raise TiedLoraCheckpointError(
         f"cannot tell the tokenizer's vocabulary size (tokenizer library {tok.get('library')!r}), which sets the "
         "vocabulary padding at the new TP size: pass --vocab-size")

@@ -40,6 +40,7 @@ from torch import Tensor
 from nemo_tiedlora.config import TiedLoraConfig
 from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
 from nemo_tiedlora.functional import per_layer_lora_factors
+from nemo_tiedlora.qkv_layout import split_fused_qkv  # the one interleave rule (import uses its inverse)
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,40 +50,6 @@ HF_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
 _PEFT_PREFIX = "base_model.model.model.layers"  # PeftModel(LlamaForCausalLM): .base_model.model.model.layers
 
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(A|B|u|v)$")
-
-
-# Fused QKV layout -----------------------------------------------------------------------------------------------
-
-
-def split_fused_qkv(
-    rows: Tensor, *, num_attention_heads: int, num_query_groups: int, head_dim: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """De-interleave the rows of Megatron's fused QKV output into (q, k, v).
-
-    ``rows [ng * (np/ng + 2) * hn, ...]`` is grouped as, for each query group g,
-    ``[q heads g*np/ng .. (g+1)*np/ng - 1, k_g, v_g]`` (each ``hn`` rows). Returns views or copies
-    ``q [np * hn, ...]``, ``k [ng * hn, ...]``, ``v [ng * hn, ...]``: works for a weight ``[out, d]``, a LoRA B
-    ``[out, r]`` or a vector ``[out]``.
-    """
-    heads, groups, hd = num_attention_heads, num_query_groups, head_dim
-    if heads <= 0 or groups <= 0 or hd <= 0 or heads % groups:
-        raise TiedLoraConfigError(
-            f"split_fused_qkv: num_attention_heads={heads}, num_query_groups={groups}, head_dim={hd} is not a valid "
-            f"attention shape: all must be positive and the groups must divide the heads"
-        )
-    per_group = heads // groups
-    width = groups * (per_group + 2) * hd
-    if rows.dim() == 0 or rows.shape[0] != width:
-        raise TiedLoraCheckpointError(
-            f"split_fused_qkv: expected {width} fused QKV rows ({groups} groups x ({per_group} query + 1 key + 1 value "
-            f"heads) x head_dim {hd}), got shape {tuple(rows.shape)}: pass the full (TP=1) tensor of this model"
-        )
-    rest = rows.shape[1:]
-    grouped = rows.reshape(groups, per_group + 2, hd, *rest)  # [ng, np/ng + 2, hn, ...]
-    q = grouped[:, :per_group].reshape(heads * hd, *rest)  # [np * hn, ...]
-    k = grouped[:, per_group].reshape(groups * hd, *rest)  # [ng * hn, ...]
-    v = grouped[:, per_group + 1].reshape(groups * hd, *rest)  # [ng * hn, ...]
-    return q, k, v
 
 
 # Adapter -> per-layer LoRA -> HF PEFT -------------------------------------------------------------------------

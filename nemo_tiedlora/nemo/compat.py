@@ -430,6 +430,46 @@ def _epoch_length_from_epoch_start() -> None:
         cls.__len__ = __len__
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# environment: a Hugging Face tokenizer carried inside the .nemo
+# ----------------------------------------------------------------------------------------------------------------
+HF_TOKENIZER_IN_ARCHIVE = "nemo_tiedlora:hf_files"  # tokenizer.type of a .nemo whose HF tokenizer is in the archive
+
+
+def _hf_tokenizer_from_archive() -> None:
+    import shutil
+    import tempfile
+
+    from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
+    from omegaconf import open_dict
+
+    original = MegatronBaseModel._build_tokenizer
+    if getattr(original, "_nemo_tiedlora_fix", False):
+        return
+
+    def _build_tokenizer(self):
+        tok = self._cfg.tokenizer
+        if tok.get("library") != "huggingface" or tok.get("type") != HF_TOKENIZER_IN_ARCHIVE:
+            return original(self)
+        # tokenizer.hf_files.<name with '.' as '_'>: one registered artifact per file (NeMo's artifacts are files)
+        folder = tempfile.mkdtemp(prefix="tiedlora-hf-tokenizer-")
+        try:
+            for key in list(tok.hf_files.keys()):
+                path = self.register_artifact(f"tokenizer.hf_files.{key}", tok.hf_files[key])
+                stem, ext = key.rsplit("_", 1)
+                shutil.copyfile(path, os.path.join(folder, f"{stem}.{ext}"))
+            with open_dict(self._cfg):
+                tok.type = folder  # AutoTokenizer.from_pretrained(folder): read into memory now
+            original(self)
+        finally:
+            with open_dict(self._cfg):
+                tok.type = HF_TOKENIZER_IN_ARCHIVE
+            shutil.rmtree(folder, ignore_errors=True)
+
+    _build_tokenizer._nemo_tiedlora_fix = True
+    MegatronBaseModel._build_tokenizer = _build_tokenizer
+
+
 FIXES: tuple[Fix, ...] = (
     Fix(
         "nvidia-pytorch-version",
@@ -558,6 +598,16 @@ FIXES: tuple[Fix, ...] = (
         "megatron_base_model.py setup_transformer_engine_cp_groups creates torch.cuda.Stream() in setup()",
         _no_cuda,
         _cpu_cp_stream,
+    ),
+    Fix(
+        "hf-tokenizer-in-archive",
+        "environment",
+        "megatron_base_model.py MegatronBaseModel._build_tokenizer passes tokenizer.type (a hub name or an absolute "
+        "folder) to AutoTokenizer and .nemo artifacts are single files, so a huggingface tokenizer cannot travel "
+        "inside the archive. For archives written by import-hf (tokenizer.type == 'nemo_tiedlora:hf_files') the "
+        "registered tokenizer.hf_files.* artifacts are assembled into a temporary folder for AutoTokenizer",
+        lambda: True,
+        _hf_tokenizer_from_archive,
     ),
 )
 

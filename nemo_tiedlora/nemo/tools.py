@@ -9,9 +9,11 @@ to a temporary name and renamed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -54,12 +56,33 @@ def _restore_base(base: Path, *, tensor_model_parallel_size: int = 1, pipeline_m
     return MegatronGPTModel.restore_from(str(base), override_config_path=cfg, trainer=_cpu_trainer())
 
 
+@contextlib.contextmanager
+def _main_hidden_from_spawn():
+    """While NeMo saves, the process's ``__main__`` is not re-run by spawned helpers.
+
+    megatron-core's distributed-checkpoint writer starts a ``spawn`` ``multiprocessing.Manager()``, whose child
+    re-executes the parent's main script (``__main__.__file__`` / ``__spec__``): from a script without an
+    ``if __name__ == "__main__"`` guard that re-runs the whole script and the save fails with EOFError. The child
+    needs nothing from the main module, so it is hidden from ``multiprocessing.spawn`` for the duration.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    try:
+        for name in saved:
+            setattr(main, name, None) if name == "__spec__" else delattr(main, name)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+
+
 def _save_to(model: Any, out: Path) -> Path:
     """NeMo's save_to into a temporary name beside `out`, renamed at the end (nothing half-written)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial.nemo")
     try:
-        model.save_to(str(partial))
+        with _main_hidden_from_spawn():
+            model.save_to(str(partial))
         os.replace(partial, out)
     finally:
         Path(partial).unlink(missing_ok=True)

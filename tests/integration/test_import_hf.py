@@ -1,0 +1,136 @@
+"""import-hf on tiny random-weight checkpoints of every family, built by ``transformers`` from a config.
+
+References are independent of the importer: the logits ``transformers`` computes from the same folder, the source
+safetensors themselves (round trip through ``export``), and the source tokenizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.integration.hf_tiny import FAMILIES, build_tiny
+from tests.script_env import script_env
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# dist (NeMo writes the distributed checkpoint) for two families, legacy per-rank for the rest
+FORMATS = {"llama": "dist", "smollm": "dist"}
+
+
+def _import(family: str, work: Path):
+    from nemo_tiedlora.nemo.hf_import import import_hf
+
+    model, tokenizer = build_tiny(family, work / "hf")
+    out = import_hf(work / "hf", work / "base.nemo", fmt=FORMATS.get(family, "legacy"))
+    return model, tokenizer, out
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = _import(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get
+
+
+def nemo_logits(base: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from nemo_tiedlora.nemo.tools import _restore_base
+
+    gpt = _restore_base(base).model.eval()
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    with torch.no_grad():
+        return gpt(input_ids=tokens, position_ids=positions, attention_mask=None)  # [b, s, vocab]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_nemo_logits_equal_transformers(family, imported):
+    model, tokenizer, base = imported(family)
+    tokens = torch.randint(0, len(tokenizer), (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    actual = nemo_logits(base, tokens)
+    assert actual.shape == expected.shape
+    difference = float((actual - expected).abs().max())
+    print(f"{family}: max |NeMo - transformers| = {difference:.3g} (logits up to {float(expected.abs().max()):.3g})")
+    assert difference <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "smollm", "mistral"])
+def test_round_trip_through_export_is_bitwise(family, imported):
+    from safetensors.torch import load_file
+
+    from nemo_tiedlora.convert import read_base
+    from nemo_tiedlora.export import nemo_gpt_to_hf_llama
+
+    _, _, base = imported(family)
+    source = load_file(str(base.parent / "hf" / "model.safetensors"))
+    checkpoint = read_base(base)
+    exported, config = nemo_gpt_to_hf_llama(checkpoint.state, checkpoint.cfg)
+    assert sorted(exported) == sorted(source)
+    different = [key for key in source if not torch.equal(exported[key], source[key])]
+    assert not different
+    assert config["tie_word_embeddings"] == (family == "smollm")
+
+
+def test_tokenizer_travels_inside_the_archive(imported, tmp_path):
+    from nemo_tiedlora.nemo.tools import _restore_base
+
+    _, tokenizer, base = imported("llama")
+    with tarfile.open(base) as tar:
+        names = {m.name.lstrip("./") for m in tar.getmembers()}
+        cfg = yaml.safe_load(tar.extractfile(next(m for m in tar.getmembers()
+                                                  if m.name.endswith("model_config.yaml"))).read())
+    tok_cfg = cfg["tokenizer"]
+    assert tok_cfg["library"] == "huggingface" and not any("/" in str(v) for v in tok_cfg["hf_files"].values())
+    for value in tok_cfg["hf_files"].values():  # registered artifacts, all in the archive
+        assert value.startswith("nemo:") and value[5:] in names
+    assert not any(name.endswith("tokenizer.model") for name in names)
+    moved = shutil.move(str(base.parent / "hf"), str(tmp_path / "gone"))  # no path outside the archive is read
+    try:
+        nemo_tokenizer = _restore_base(base).tokenizer
+    finally:
+        shutil.move(moved, str(base.parent / "hf"))
+    text = "hello world w7 w100 unknown-word"
+    assert nemo_tokenizer.text_to_ids(text) == tokenizer(text, add_special_tokens=False).input_ids
+    assert (nemo_tokenizer.bos_id, nemo_tokenizer.eos_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+def test_import_from_a_script_without_main_guard(tmp_path):
+    """megatron's checkpoint writer starts a spawn Manager(), which re-ran an unguarded main script (EOFError)."""
+    build_tiny("llama", tmp_path / "hf")
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from nemo_tiedlora.nemo.hf_import import import_hf\n"
+        f"import_hf({str(tmp_path / 'hf')!r}, {str(tmp_path / 'base.nemo')!r}, fmt='dist')\n"
+        "print('IMPORTED')\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], env=script_env(), cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("IMPORTED") == 1 and (tmp_path / "base.nemo").exists()
+
+
+def test_cli_refuses_an_unsupported_family_listing_the_supported(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
+                                        '"n_embd": 8}')
+    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora", "import-hf", "--in", str(folder), "--out",
+                             str(tmp_path / "x.nemo")], env=script_env(), cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "model_type 'gpt2'" in result.stderr and "llama" in result.stderr and "qwen2" in result.stderr
+    assert not (tmp_path / "x.nemo").exists()
