@@ -4,12 +4,18 @@ Every adapter tensor is a full replica on the ranks that use it:
 - A and B (tag ``model``): on every TP rank, every PP stage and every virtual-pipeline chunk.
 - u_l, v_l and untied A_l, B_l (tag ``layer``): on every TP rank of the stage that owns layer l.
 
-On TP rank t a layer uses only B's and v's rows of its own output partition, so the gradients of A, u and of the
-other rows are partial on each rank: they are summed over the TP group. A and B are also used by every stage and
-every chunk, so their gradients are summed over the chunks of a rank and over the PP group (like tied embeddings in
-megatron's ``finalize_model_grads``). This happens before the data-parallel reduction (before the distributed
-optimizer's reduce-scatter; with plain all-reduce the order does not matter). Afterwards every replica holds the
-same gradient, the optimizer makes the same update everywhere and the replicas stay bitwise identical.
+A and u are applied before the tensor-parallel region (``nemo/adapters.py``: what crosses TP ranks is
+``g = u * (A x)`` [tokens, r]), B and v after it, on the rank's own output rows. Hence, per TP rank:
+- B, v (and B_l): partial by rows (the other rows' gradients are zero here): summed over the TP group.
+- A, u (and A_l), tagged ``tiedlora_before_tp_region``: without sequence parallelism the input is the same on
+  every TP rank and the region's backward all-reduces dg, so their gradients are already complete and identical
+  on every TP rank: *not* summed over TP (a sum would count them TP times). With sequence parallelism each rank
+  saw only its own sequence shard: partial, summed over TP.
+A and B are also used by every stage and every chunk, so their gradients are summed over the chunks of a rank and
+over the PP group (like tied embeddings in megatron's ``finalize_model_grads``). This happens before the
+data-parallel reduction (before the distributed optimizer's reduce-scatter; with plain all-reduce the order does not
+matter). Afterwards every replica holds the same gradient, the optimizer makes the same update everywhere and the
+replicas stay bitwise identical.
 
 Gradient clipping counts a replicated tensor once: TP duplicates are skipped by megatron's
 ``param_is_not_tensor_parallel_duplicate`` (our tensors are not ``tensor_model_parallel``), and every A/B replica
@@ -26,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nemo_tiedlora.modules import REPLICA_TAG, REPLICATED_IN_LAYER, REPLICATED_MODEL_WIDE
+from nemo_tiedlora.modules import BEFORE_TP_REGION_TAG, REPLICA_TAG, REPLICATED_IN_LAYER, REPLICATED_MODEL_WIDE
 
 
 def _tagged(chunk: nn.Module, kind: str) -> list[nn.Parameter]:
@@ -75,21 +81,30 @@ def _grads_or_zeros(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
     return grads
 
 
-def reduce_adapter_grads(chunks: Sequence[nn.Module]) -> None:
-    """Sum adapter gradients over TP, over the VPP chunks of this rank (A, B) and over PP (A, B). Idempotent
-    per step only if called once: call it exactly once between the last backward and the DP reduction."""
+def _needs_tp_sum(param: nn.Parameter, sequence_parallel: bool) -> bool:
+    return sequence_parallel or not getattr(param, BEFORE_TP_REGION_TAG, False)
+
+
+def reduce_adapter_grads(chunks: Sequence[nn.Module], *, sequence_parallel: Optional[bool] = None) -> None:
+    """Sum adapter gradients over TP (those that are partial there, see the module docstring), over the VPP chunks
+    of this rank (A, B) and over PP (A, B). Not idempotent: call it exactly once between the last backward and the
+    DP reduction. ``sequence_parallel`` defaults to the chunks' megatron ``config.sequence_parallel``."""
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
         return
+    if sequence_parallel is None:
+        sequence_parallel = any(getattr(getattr(chunk, "config", None), "sequence_parallel", False) for chunk in chunks)
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     shared = [_tagged(chunk, REPLICATED_MODEL_WIDE) for chunk in chunks]
     local = [p for chunk in chunks for p in _tagged(chunk, REPLICATED_IN_LAYER)]
     if tp_size > 1:
-        _all_reduce(_grads_or_zeros(local) + _grads_or_zeros(shared[0]), parallel_state.get_tensor_model_parallel_group())
+        group = parallel_state.get_tensor_model_parallel_group()
+        partial = [p for p in local + shared[0] if _needs_tp_sum(p, sequence_parallel)]
+        _all_reduce(_grads_or_zeros(partial), group)
         for replicas in shared[1:]:
-            _all_reduce(_grads_or_zeros(replicas), parallel_state.get_tensor_model_parallel_group())
+            _all_reduce(_grads_or_zeros([p for p in replicas if _needs_tp_sum(p, sequence_parallel)]), group)
     if not shared[0]:
         return
     # Virtual pipeline: sum the chunks' replicas into chunk 0, then over PP, then copy back to every chunk.
