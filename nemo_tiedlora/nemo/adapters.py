@@ -126,15 +126,33 @@ class TiedLoraShared(nn.Module, AdapterModuleMixin):
 class TiedLoraQKV(nn.Module, AdapterModuleMixin):
     """`linear_qkv` with the Tied-LoRA update added: returns `(out + update, bias)` like the wrapped module.
 
-    Input handling per layer spec (spec section 4):
-    - local spec (CPU, and GPU without TransformerEngine): `linear_qkv` is a ColumnParallelLinear whose input is
-      already normalized; the adapter reads the same input.
-    - TransformerEngine spec: `linear_qkv` fuses the input layernorm (TELayerNormColumnParallelLinear). The wrapper
-      asks it to also return the normalized input (and, with sequence parallelism, to return it gathered) and
-      feeds that to the adapter.
-    - Sequence parallelism without a TE-gathered input: the adapter gathers the input along the sequence once
-      (backward: reduce-scatter). Tensor parallelism: the input is the same on every TP rank, so it enters the
-      adapter through `copy_to_tensor_model_parallel_region` (backward: all-reduce of the partial input grads).
+    The update runs as the fused functions of `nemo_tiedlora.fused` (rank-sized saved state) on every path. A and
+    u are applied to this rank's own input, *before* the tensor-parallel region, so what crosses ranks is
+    g = u * (A x) [tokens, r], never the [tokens, d] input (spec section 5):
+
+    - TP = 1: no region; the one-piece fused function.
+    - TP > 1, no sequence parallelism: x is the same on every TP rank; `copy_to_tensor_model_parallel_region(g)`
+      (forward: identity; backward: all-reduce of dg [s, b, r]). The gradients of A and u are then complete on
+      every TP rank (`parallel.py` does not sum them over TP); B's and v's rows are partial and summed.
+    - Sequence parallelism: x is this rank's sequence shard [s/tp, b, d]; g_local = u * (A x_local) [s/tp, b, r]
+      goes through `gather_from_sequence_parallel_region` (forward: all-gather to [s, b, r]; backward:
+      reduce-scatter of dg). A's and u's gradients are partial over the shards and summed over TP.
+
+    Input (spec section 4): with the local spec (CPU, and GPU without TransformerEngine) `linear_qkv` is a
+    ColumnParallelLinear whose input is already normalized (and, with SP, the local shard); the adapter reads it.
+    With the TransformerEngine spec `linear_qkv` fuses the input layernorm; the wrapper asks it to return the
+    normalized output too (`return_layernorm_output`), *not gathered*: TE could also return it already gathered
+    over the sequence (`return_layernorm_output_gathered`, no adapter collective at all), but then every rank
+    would apply A to all s tokens and, when A is trained, keep the gathered [s, b, d] tensor alive for A's
+    gradient (TE itself keeps at most its local shard, re-gathered in backward for a weight gradient): tp-1 extra
+    shards of the layer's input per layer (4 KB per token per layer in bf16 at d=4096, TP2), against two collectives of
+    [s, b, r] (2 x 16 bytes per token per layer in bf16 at r=8) for the local shard. The local shard is cheaper
+    in memory by a factor of about d / (2 r), and the two rank-sized collectives are small next to TE's own
+    all-gather and reduce-scatter of [s, b, d]; so the wrapper uses the local shard.
+
+    Adapter dropout at TP > 1 without SP is applied before the region, so the TP ranks must draw the same keep-mask:
+    it comes from torch's default generator, which megatron seeds identically on the ranks of a TP group (as the
+    base's own dropout outside SP regions needs); a mismatch would show as replica drift of A/u.
     """
 
     def __init__(
@@ -156,14 +174,10 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
         # Kept out of the module registry: the owner is registered once on the model chunk.
         self._owner_ref: tuple[TiedLoraShared, ...] = (shared_owner,) if shared_owner is not None else ()
         self.te_fused_norm = hasattr(base, "return_layernorm_output")
-        self.te_gathers_norm = False
         if self.te_fused_norm:
-            base.return_layernorm_output = True
-            if sequence_parallel and hasattr(base, "return_layernorm_output_gathered") and not getattr(
-                base, "ub_overlap_ag", False
-            ):
-                base.return_layernorm_output_gathered = True
-                self.te_gathers_norm = True
+            base.return_layernorm_output = True  # the normalized input, this rank's shard (see the class docstring)
+            if hasattr(base, "return_layernorm_output_gathered"):
+                base.return_layernorm_output_gathered = False
         self.set_accepted_adapter_types([TiedLoraLayerAdapter])
 
     def __getattr__(self, name: str):
@@ -185,17 +199,18 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
         if tied:
             self.get_adapter_module(name).bind_shared(shared)
 
-    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _region(self):
+        """What moves g = u * (A x) [..., r] between TP ranks (None: nothing to move)."""
         from megatron.core.tensor_parallel import (
             copy_to_tensor_model_parallel_region,
             gather_from_sequence_parallel_region,
         )
 
-        if self.sequence_parallel and not self.te_gathers_norm:
-            return gather_from_sequence_parallel_region(x)  # [s/tp, b, d] -> [s, b, d], once
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region  # g_local [s/tp, b, r] -> [s, b, r]
         if self.tensor_parallel_size > 1:
-            return copy_to_tensor_model_parallel_region(x)
-        return x
+            return copy_to_tensor_model_parallel_region  # backward: all-reduce of dg [s, b, r]
+        return None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         result, bias = self.base(hidden_states, *args, **kwargs)
@@ -205,8 +220,8 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
             out, normalized = result, hidden_states
         enabled = self.get_enabled_adapters() if self.is_adapter_available() else []
         if enabled:
-            x = self._adapter_input(normalized)  # gathered / TP-copied once, whatever the number of adapters
+            region = self._region()
             for name in enabled:
-                # [s, b, d] -> [s, b, out/tp]: this rank's rows of the fused, group-interleaved QKV output
-                out = out + self.adapter_layer[name](x, self.out_rows)
+                # x [s(/tp), b, d] -> [s, b, out/tp]: this rank's rows of the fused, group-interleaved QKV output
+                out = out + self.adapter_layer[name](normalized, self.out_rows, region)
         return out, bias

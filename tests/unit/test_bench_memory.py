@@ -46,8 +46,10 @@ def test_fused_meets_the_target(preset):
 def test_traffic_by_construction():
     tokens, d, r = 4096, 4096, 8
     tp = adapter_traffic(tokens=tokens, hidden_size=d, rank=r, tp=2, sequence_parallel=False, bytes_per_element=2)
-    assert [(c["pass"], c["collective"], c["elements"]) for c in tp["before"]] == [("backward", "all-reduce", tokens * d)]
-    assert [(c["collective"], c["elements"], c["bytes"]) for c in tp["after"]] == [("all-reduce", tokens * r, tokens * r * 2)]
+    before = [(c["pass"], c["collective"], c["elements"]) for c in tp["before"]]
+    assert before == [("backward", "all-reduce", tokens * d)]
+    after = [(c["collective"], c["elements"], c["bytes"]) for c in tp["after"]]
+    assert after == [("all-reduce", tokens * r, tokens * r * 2)]
     assert tp["after"][0]["bytes_sent_per_rank"] == tokens * r * 2  # ring all-reduce at TP2: 2 (tp-1)/tp = 1
     sp = adapter_traffic(tokens=tokens, hidden_size=d, rank=r, tp=2, sequence_parallel=True, bytes_per_element=4)
     assert [c["collective"] for c in sp["after"]] == ["all-gather", "reduce-scatter"]
