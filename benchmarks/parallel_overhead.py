@@ -1,11 +1,15 @@
-"""The cost of Tied-LoRA's extra gradient reductions (TP/PP sums of the replicated adapter tensors) next to the
-step time, at TP2 and PP2, on this machine (CPU + gloo here; run it on GPUs with --accelerator gpu).
+"""The cost of Tied-LoRA's extra communication next to the step time, on this machine (CPU + gloo here; run it on
+GPUs with --accelerator gpu): the gradient reductions (TP/PP sums of the replicated adapter tensors, once per
+step) at TP2 and PP2, and the activation traffic of the adapter's own collectives (per layer per micro-batch) at
+TP2 and TP2+SP.
 
     python benchmarks/parallel_overhead.py [--steps 12] [--out benchmarks/results]
 
-Each configuration is one run of tests/distributed/driver.py (the NeMo fine-tuning path) on a 4-layer tiny base.
-Writes parallel_overhead_<device>.json and .md: median step time, the reductions' bytes and seconds per step on
-rank 0, and their share of the step. Timings are measurements, not assertions.
+Each reduction configuration is one run of tests/distributed/driver.py (the NeMo fine-tuning path) on a 4-layer
+tiny base. The activation traffic is counted by benchmarks/adapter_traffic.py (one real TP2 QKV linear wrapped by
+TiedLoraQKV, megatron's mapping helpers wrapped to count), before (x [tokens, d] entering the TP region) and after
+(g = u * (A x) [tokens, r]), next to the count by construction (nemo_tiedlora.bench_memory.adapter_traffic).
+Writes parallel_overhead_<device>.json and .md. Timings are measurements, not assertions.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def main() -> None:
     from nemo_tiedlora.demo.data import build_all
     from tests.distributed.conftest import DRIVER, torchrun
 
+    traffic = _activation_traffic(Path(tempfile.mkdtemp(prefix="tiedlora_traffic_")), torchrun)
+
     work = Path(tempfile.mkdtemp(prefix="tiedlora_parallel_bench_"))
     data = build_all(work / "data")
     spec = BaseSpec(num_layers=4, hidden_size=128, ffn_hidden_size=344, num_attention_heads=4, num_query_groups=2,
@@ -63,7 +69,8 @@ def main() -> None:
                "cpus": __import__("os").cpu_count(), "torch": torch.__version__, "backend": "nccl" if device == "gpu" else "gloo",
                "model": "tiny Llama-style GPT, 4 layers, d=128, GQA 4 heads/2 groups, tl6 rank 4, fp32"}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"parallel_overhead_{device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    (Path(args.out) / f"parallel_overhead_{device}.json").write_text(
+        json.dumps({"machine": machine, "rows": rows, "activation_traffic": traffic}, indent=2))
     lines = [f"# Tied-LoRA gradient-reduction overhead ({device})", "", f"Machine: {machine}", "",
              "| config | processes | median step (s) | reduction bytes/step | reduction s/step | share of step |",
              "|---|---|---|---|---|---|"]
@@ -71,8 +78,45 @@ def main() -> None:
         lines.append(f"| {row['config']} | {row['processes']} | {row['median_step_s']:.4f} | "
                      f"{row['reduction_bytes_per_step']:,.0f} | {row['reduction_s_per_step']:.5f} | "
                      f"{100 * row['reduction_share']:.2f}% |")
+    lines += _traffic_markdown(traffic)
     (Path(args.out) / f"parallel_overhead_{device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _activation_traffic(work: Path, torchrun) -> list[dict]:
+    """The adapter's collectives per layer per micro-batch at TP2 and TP2+SP: measured and by construction."""
+    from nemo_tiedlora.bench_memory import adapter_traffic
+
+    script = REPO / "benchmarks" / "adapter_traffic.py"
+    rows = []
+    for layout, extra in (("TP2", []), ("TP2+SP", ["--sp"])):
+        out = work / f"traffic_{len(extra)}.json"
+        log = work / f"traffic_{len(extra)}.log"
+        if torchrun(script, 2, ["--out", str(out), *extra], log).returncode != 0:
+            raise SystemExit(f"adapter traffic ({layout}) failed: see {log}")
+        record = json.loads(out.read_text())
+        closed = adapter_traffic(tokens=record["tokens"], hidden_size=record["hidden_size"], rank=record["rank"],
+                                 tp=record["tp"], sequence_parallel=record["sequence_parallel"], bytes_per_element=4)
+        rows.append({"layout": layout, "tokens": record["tokens"], "hidden_size": record["hidden_size"],
+                     "rank": record["rank"], "measured_before": record["adapter_before"],
+                     "measured_after": record["adapter_after"], "closed_form": closed})
+    return rows
+
+
+def _traffic_markdown(traffic: list[dict]) -> list[str]:
+    lines = ["", "## Adapter activation traffic per layer per micro-batch (fp32)", "",
+             "Counted at megatron's mapping helpers in a real gloo run (one TP2 QKV linear wrapped by TiedLoraQKV; "
+             "the base's own collectives subtracted) and by construction from the shapes. Before: x [tokens, d] "
+             "entered the TP region; after: g = u * (A x) [tokens, r].", "",
+             "| layout | tokens | d | r | collective | elements before (measured / by construction) | "
+             "elements after (measured / by construction) | bytes before | bytes after |", "|---" * 9 + "|"]
+    for row in traffic:
+        closed_before, closed_after = row["closed_form"]["before"], row["closed_form"]["after"]
+        for before, after, cb, ca in zip(row["measured_before"], row["measured_after"], closed_before, closed_after):
+            lines.append(f"| {row['layout']} | {row['tokens']} | {row['hidden_size']} | {row['rank']} | "
+                         f"{before['collective']} ({cb['pass']}) | {before['elements']:,} / {cb['elements']:,} | "
+                         f"{after['elements']:,} / {ca['elements']:,} | {before['bytes']:,} | {after['bytes']:,} |")
+    return lines
 
 
 if __name__ == "__main__":
