@@ -25,6 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from nemo_tiedlora.errors import TiedLoraCheckpointError
+from nemo_tiedlora.hf_import import nemo_model_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -62,6 +63,7 @@ def _open_folder(folder: Path) -> HFSource:
     if not config_file.exists():
         raise TiedLoraCheckpointError(f"{folder} has no config.json: pass the folder of a Hugging Face checkpoint")
     config = json.loads(config_file.read_text())
+    nemo_model_config(config)  # an unsupported family or setting is refused before any weight is opened
     index = folder / _SAFETENSORS_INDEX
     if index.exists():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -129,8 +131,8 @@ def _open_gguf(file: Path) -> HFSource:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     reader = gguf.GGUFReader(str(file))
     special = {}
-    for role in ("bos", "eos", "pad", "unk"):
-        token_id = _gguf_field(reader, f"tokenizer.ggml.{'unknown' if role == 'unk' else role}_token_id")
+    for role, field in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+        token_id = _gguf_field(reader, f"tokenizer.ggml.{field}_token_id")
         if token_id is not None:
             special[f"{role}_token"] = tokenizer.convert_ids_to_tokens(int(token_id))
     tokenizer.add_special_tokens(special)  # existing tokens: the vocabulary does not grow

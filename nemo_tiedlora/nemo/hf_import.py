@@ -11,6 +11,7 @@ hub access and no path outside the archive.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,10 @@ def nemo_config(model_keys: dict[str, Any], tokenizer: dict[str, Any], *, diviso
 def import_hf(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, fmt: str = "dist",
               dtype: str = "fp32", overwrite: bool = False) -> Path:
     """Convert the HF checkpoint folder or ``.gguf`` at ``source`` into a base ``.nemo`` at ``out``."""
-    from nemo_tiedlora.convert import BaseCheckpoint, layout_for, write_dist, write_legacy
+    from nemo_tiedlora.convert import BaseCheckpoint, layout_for, save_with_layout, write_legacy
     from nemo_tiedlora.hf_import import nemo_model_config, nemo_state_dict, vocab_divisor
     from nemo_tiedlora.hf_source import open_source, tokenizer_files
+    from nemo_tiedlora.nemo.tools import _restore_base
 
     out = Path(out)
     if fmt not in ("dist", "legacy"):
@@ -91,7 +93,14 @@ def import_hf(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
         raise TiedLoraConfigError(f"the vocabulary ({rows} embedding rows) is not divisible by TP={tp}: choose a TP "
                                   "that divides it")
     base = BaseCheckpoint(cfg, state, "legacy", layout_for(cfg, 1, 1), dict(files))
-    writer = write_dist if fmt == "dist" else write_legacy
-    written = writer(base, out, layout, vocab_size=vocab, overwrite=overwrite)
+    if fmt == "legacy":
+        written = write_legacy(base, out, layout, vocab_size=vocab, overwrite=overwrite)
+    else:  # NeMo writes the distributed checkpoint from a TP1 legacy copy it restores (kept until it has saved)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            model = _restore_base(write_legacy(base, Path(tmp) / "tp1.nemo", layout_for(cfg, 1, 1), vocab_size=vocab))
+            if dtype != "fp32":
+                model = model.to(DTYPES[dtype])  # NeMo restores in fp32 on CPU; the archive keeps the chosen dtype
+            written = save_with_layout(model, layout, out)
     logger.info("imported %s -> %s (%s, TP%d PP%d, %s)", src.description, out, fmt, tp, pp, dtype)
     return written

@@ -68,8 +68,10 @@ def _main_hidden_from_spawn():
     main = sys.modules.get("__main__")
     saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
     try:
-        for name in saved:
-            setattr(main, name, None) if name == "__spec__" else delattr(main, name)
+        if "__file__" in saved:
+            del main.__file__
+        if "__spec__" in saved:
+            main.__spec__ = None
         yield
     finally:
         for name, value in saved.items():
@@ -255,7 +257,7 @@ def inspect_adapter(adapter: Path) -> dict[str, Any]:
     """Scheme, flags, rank, counts, sizes and per-layer norms of u and v of an adapter archive (no NeMo)."""
     from nemo_tiedlora.functional import parameter_counts, stored_parameter_counts
 
-    archive = load_archive(Path(adapter))
+    archive = load_archive(Path(adapter), finite=False)  # shown as it is; merge, export and loading refuse NaN/Inf
     cfg, shape = archive.config, archive.shape
     sizes = dict(hidden_size=shape["hidden_size"], num_layers=shape["num_layers"], out_features=shape["out_features"])
     raw = sum(t.numel() * t.element_size() for t in archive.tensors.values())
@@ -274,6 +276,7 @@ def inspect_adapter(adapter: Path) -> dict[str, Any]:
         "stored_parameters": stored_parameter_counts(cfg, **sizes),
         "file_bytes": Path(adapter).stat().st_size,
         "raw_tensor_bytes": raw,
+        "non_finite": sorted(k for k, t in archive.tensors.items() if not bool(torch.isfinite(t).all())),
         "layer_norms": {n: {"u": float(archive.tensors[f"layers.{n}.u"].norm()),
                             "v": float(archive.tensors[f"layers.{n}.v"].norm())} for n in layers},
     }
@@ -292,4 +295,6 @@ def format_inspect(report: dict[str, Any]) -> str:
         "  layer   |u|        |v|",
     ]
     lines += [f"  {n:>5}   {norms['u']:<10.4f} {norms['v']:.4f}" for n, norms in report["layer_norms"].items()]
+    if report.get("non_finite"):
+        lines.append(f"  NON-FINITE (NaN/Inf) tensors: {report['non_finite']}: merge, export and loading refuse this file")
     return "\n".join(lines)

@@ -40,10 +40,11 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_tiny(family: str, folder: Path, *, seed: int = 0, **overrides: Any):
+def build_tiny(family: str, folder: Path, *, seed: int = 0, max_shard_size: str = "5GB", **overrides: Any):
     """Save a random-weight model of `family` (+ tokenizer) as a HF folder; return (model in eval mode, tokenizer).
 
     Weights are N(0, 0.1^2) (norm weights 1 + N(0, 0.1^2)), large enough that a wrong layout changes the logits.
+    A small ``max_shard_size`` writes several safetensors shards and their index.
     """
     import transformers
 
@@ -57,6 +58,6 @@ def build_tiny(family: str, folder: Path, *, seed: int = 0, **overrides: Any):
     model.eval()
     tokenizer = tiny_tokenizer()
     folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
     return model, tokenizer

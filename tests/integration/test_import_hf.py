@@ -85,6 +85,37 @@ def test_round_trip_through_export_is_bitwise(family, imported):
     assert config["tie_word_embeddings"] == (family == "smollm")
 
 
+def test_sharded_checkpoint_in_bf16_legacy_tp2(tmp_path):
+    """Several safetensors shards + index -> bf16 legacy per-rank shards at TP2 -> joined and exported: the source
+    tensors in bf16; an index naming a missing shard is refused."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from nemo_tiedlora.convert import read_base
+    from nemo_tiedlora.errors import TiedLoraCheckpointError
+    from nemo_tiedlora.export import nemo_gpt_to_hf_llama
+    from nemo_tiedlora.nemo.hf_import import import_hf
+
+    build_tiny("llama", tmp_path / "hf", max_shard_size="60KB")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    out = import_hf(tmp_path / "hf", tmp_path / "base.nemo", tp=2, fmt="legacy", dtype="bf16")
+    with tarfile.open(out) as tar:
+        assert {m.name.lstrip("./").split("/")[0] for m in tar.getmembers() if m.name.endswith(".ckpt")} == {
+            "mp_rank_00", "mp_rank_01"}
+    checkpoint = read_base(out)  # the two TP shards joined again
+    exported, _ = nemo_gpt_to_hf_llama(checkpoint.state, checkpoint.cfg)
+    source = {k: v for f in set(index["weight_map"].values()) for k, v in load_file(str(tmp_path / "hf" / f)).items()}
+    assert sorted(exported) == sorted(source)
+    for key, value in source.items():
+        assert exported[key].dtype == torch.bfloat16 and torch.equal(exported[key], value.to(torch.bfloat16)), key
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / "hf" / shard).unlink()
+    with pytest.raises(TiedLoraCheckpointError, match="not there"):
+        import_hf(tmp_path / "hf", tmp_path / "again.nemo")
+
+
 def test_tokenizer_travels_inside_the_archive(imported, tmp_path):
     from nemo_tiedlora.nemo.tools import _restore_base
 
