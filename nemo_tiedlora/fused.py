@@ -28,7 +28,9 @@ Dropout on x (``keep_mask``: a bool [T, d] mask, ``keep_prob = 1 - p``): the fun
 ``x * keep_mask / keep_prob`` itself and keeps the *mask* (1 byte per element: d bytes per token per layer) next
 to the undropped x, instead of a dropped copy of x (2 d bytes in bf16, 4 d in fp32, which the reference
 composition keeps in addition to the mask). A [T, d] dropped input exists in backward only transiently, while
-``grad_A`` is formed. Without dropout the cost is zero. Nothing here imports NeMo or Megatron.
+``grad_A`` is formed. Without dropout the cost is zero. Under autocast a float32 x is cast to autocast's dtype
+first and that copy is what is kept (as ``F.linear`` under autocast keeps its own cast). Nothing here imports NeMo
+or Megatron.
 """
 
 from __future__ import annotations

@@ -60,3 +60,20 @@ def test_step0_zero_and_merge_equals_forward(preset):
         torch.testing.assert_close(layer.delta_weight(), merged, rtol=1e-5, atol=1e-5)
         rows = slice(16, 48)  # a TP rank's output partition
         torch.testing.assert_close(layer(x, rows), (x @ merged.t())[..., rows], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tl6", "lora", "vera"])
+def test_tp_sum_only_for_gradients_that_are_partial_over_tp(preset):
+    """A and u are applied before the TP region: without SP their gradients are complete on every TP rank (no TP
+    sum); with SP they are partial over sequence shards. B and v are always partial by rows (spec section 5)."""
+    from nemo_tiedlora.modules import FACTOR_OF_PARAM
+    from nemo_tiedlora.parallel import _needs_tp_sum
+
+    _, shared, layers = _build(preset, 32, 96)
+    owners = [shared, layers] if shared is not None else [layers]
+    params = {name: p for owner in owners for name, p in owner.named_parameters()}
+    assert {FACTOR_OF_PARAM[name.rsplit(".", 1)[-1]] for name in params} == {"A", "B", "u", "v"}
+    for name, param in params.items():
+        factor = FACTOR_OF_PARAM[name.rsplit(".", 1)[-1]]
+        assert _needs_tp_sum(param, sequence_parallel=False) == (factor in ("B", "v")), name
+        assert _needs_tp_sum(param, sequence_parallel=True), name
