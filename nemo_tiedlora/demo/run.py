@@ -81,8 +81,9 @@ def _data_overrides(data, settings: DemoSettings) -> list[str]:
     ]
 
 
-def finetune(*, base: Path, data, work: Path, settings: DemoSettings) -> Path:
-    """Fine-tune through examples/.../megatron_gpt_finetuning.py; return the adapter .nemo."""
+def finetune(*, base: Path, data, work: Path, settings: DemoSettings, extra: tuple[str, ...] = ()) -> Path:
+    """Fine-tune through examples/.../megatron_gpt_finetuning.py (plus hydra overrides `extra`); return the
+    adapter .nemo."""
     exp_dir = work / "runs"
     name = f"demo_{settings.preset}_r{settings.rank}"
     args = [
@@ -107,6 +108,7 @@ def finetune(*, base: Path, data, work: Path, settings: DemoSettings) -> Path:
         "exp_manager.resume_if_exists=False",
         "exp_manager.checkpoint_callback_params.save_top_k=1",
         *_data_overrides(data, settings),
+        *extra,
     ]
     _run(args, log=work / f"{name}.finetune.log", title=f"fine-tune {settings.preset} (rank {settings.rank})")
     adapters = sorted((exp_dir / name).rglob("checkpoints/*.nemo"), key=os.path.getmtime)
@@ -115,8 +117,10 @@ def finetune(*, base: Path, data, work: Path, settings: DemoSettings) -> Path:
     return adapters[-1]
 
 
-def evaluate(*, base: Path, adapter: Path | None, data, work: Path, settings: DemoSettings, label: str) -> float:
-    """Greedy generation on the test split through examples/.../megatron_gpt_generate.py; exact-match score."""
+def evaluate(*, base: Path, adapter: Path | None, data, work: Path, settings: DemoSettings, label: str,
+             extra: tuple[str, ...] = (), scorer=score) -> float:
+    """Greedy generation on the test split through examples/.../megatron_gpt_generate.py (plus hydra overrides
+    `extra`); exact-match score."""
     prefix = work / f"predictions_{label}"
     args = [
         sys.executable,
@@ -133,11 +137,12 @@ def evaluate(*, base: Path, adapter: Path | None, data, work: Path, settings: De
         f"model.data.test_ds.max_seq_length={settings.max_seq_length}",
         "model.data.test_ds.write_predictions_to_file=True",
         f"model.data.test_ds.output_file_path_prefix={prefix}",
+        *extra,
     ]
     _run(args, log=work / f"{label}.generate.log", title=f"evaluate {label} on the test split")
     files = sorted(work.glob(f"predictions_{label}*.jsonl"), key=os.path.getmtime)
     rows = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
-    return score([row["pred"] for row in rows], [row["label"] for row in rows])
+    return scorer([row["pred"] for row in rows], [row["label"] for row in rows])
 
 
 def _trainable_counts(base: Path, settings: DemoSettings) -> dict:
