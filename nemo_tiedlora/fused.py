@@ -109,7 +109,7 @@ class TiedLoraUpdate(torch.autograd.Function):
     def backward(ctx, dz):
         x, h, a, b, u, v, keep_mask = ctx.saved_tensors
         need_x, need_a, need_b, need_u, need_v = ctx.needs_input_grad[:5]
-        g = h * u if h is not None else None  # [T, r], recomputed: cheaper than keeping it
+        g = h * u if (need_b or need_v) else None  # [T, r], recomputed: cheaper than keeping it
         dg, grad_b, grad_v = _up_backward(dz, g, b, v, ctx.scale, (need_x or need_a or need_u, need_b, need_v))
         dx, grad_a, grad_u = (None, None, None) if dg is None else _down_backward(
             dg, x, h, a, u, keep_mask, ctx.keep_prob, (need_x, need_a, need_u))
