@@ -131,14 +131,42 @@ def tag_for_clipping(chunks: Sequence[nn.Module]) -> None:
 
 
 class ReplicaDriftError(RuntimeError):
-    """Replicas of an adapter tensor differ between ranks."""
+    """Replicas of an adapter tensor differ between ranks (the message names the tensor, the ranks and the step)."""
 
 
-def check_replicas(chunks: Sequence[nn.Module]) -> int:
+def _group_ranks(group) -> list[int]:
+    """Global ranks of ``group`` (None: the world), in group-rank order."""
+    if group is None:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(group))
+
+
+def _drift_message(name: str, chunk: int, param: torch.Tensor, group, step: Optional[int]) -> str:
+    """Which ranks hold a copy of ``param`` that differs from the lowest rank's, and by how much (collective)."""
+    ranks = _group_ranks(group)
+    copies = [torch.empty_like(param) for _ in ranks]
+    dist.all_gather(copies, param.detach().contiguous(), group=group)
+    reference = copies[0]
+    differing = {rank: float((copy - reference).abs().max()) for rank, copy in zip(ranks, copies)
+                 if not torch.equal(copy, reference)}
+    where = f" at step {step}" if step is not None else ""
+    return (
+        f"Tied-LoRA replica drift{where}: {name} (model chunk {chunk}) on rank(s) {sorted(differing)} differs from "
+        f"rank {ranks[0]}'s copy (ranks compared: {ranks}; largest difference {max(differing.values()):.3e}). "
+        "Every replica must stay bitwise identical; possible causes: its TP/PP gradient sum was skipped or ran twice "
+        "(a second hook around NeMo's finalize_model_grads/allreduce_gradients), a non-deterministic kernel "
+        "computed a different gradient on some ranks, or code changed the tensor outside the optimizer on some "
+        "ranks (weights loaded or edited on one rank only). To find the first bad step, rerun with "
+        "model.peft.tiedlora_tuning.check_replicas_every=1."
+    )
+
+
+def check_replicas(chunks: Sequence[nn.Module], *, step: Optional[int] = None) -> int:
     """Verify that every replica is bitwise identical on all ranks holding it; return the number of tensors checked.
 
     A/B are compared over the whole world (every rank holds them); per-layer tensors over the TP x DP group of
-    their stage. Raises ReplicaDriftError naming the tensor and the largest difference.
+    their stage. Collective: every rank of the world must call it. Raises ReplicaDriftError (on every rank of the
+    group) naming the tensor, the ranks whose copy differs, the largest difference and ``step`` (when given).
     """
     from megatron.core import parallel_state
 
@@ -159,9 +187,6 @@ def check_replicas(chunks: Sequence[nn.Module]) -> int:
             dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
             dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
             if not torch.equal(high, low):
-                raise ReplicaDriftError(
-                    f"adapter replica drift: {name} (chunk {index}) differs across ranks by up to "
-                    f"{float((high - low).abs().max()):.3e}; the TP/PP gradient sums were skipped or ran twice"
-                )
+                raise ReplicaDriftError(_drift_message(name, index, param, group, step))
             checked += 1
     return checked

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 def setup() -> list:
     """Apply the needed compatibility fixes and register `tiedlora` with NeMo; return the fixes in force."""
-    from nemo_tiedlora.nemo import compat
+    from nemo_tiedlora.nemo import compat, logs
 
+    logs.install()
     fixes = compat.apply()
     from nemo_tiedlora.nemo.peft import register
 

@@ -93,6 +93,8 @@ def build(cfg: DictConfig, *, callbacks: Optional[list] = None) -> tuple[Any, An
 def finetune(cfg: DictConfig, *, callbacks: Optional[list] = None) -> Optional[Path]:
     """Run NeMo PEFT fine-tuning from a hydra config; return the adapter .nemo written at the end (rank 0)."""
     trainer, model, _, log_dir = build(cfg, callbacks=callbacks)
+    if getattr(trainer, "ckpt_path", None):  # exp_manager found a checkpoint (exp_manager.resume_if_exists=True)
+        logger.info("resuming from %s: adapter, optimizer and LR-scheduler state", trainer.ckpt_path)
     trainer.fit(model)
     return _final_nemo(log_dir)
 

@@ -207,9 +207,33 @@ def _before_data_parallel_reduction(model: Any) -> None:
     chunks = _model_chunks(model)
     every = getattr(model, "_tiedlora_check_every", 0)
     if every and model._tiedlora_steps % every == 0:
-        check_replicas(chunks)  # the state the previous step left
+        step = model._tiedlora_steps  # optimizer steps done: the check sees the state the previous step left
+        checked = check_replicas(chunks, step=step)
+        _log_replica_check(checked, step)
     model._tiedlora_steps += 1
     reduce_adapter_grads(chunks)
+
+
+_REPLICA_LOG_SECONDS = 60.0  # after the first check, at most one INFO line a minute (every check at DEBUG)
+_last_replica_log: list[float] = []
+
+
+def _log_replica_check(checked: int, step: int) -> None:
+    """Rank 0: say that the replicas were checked (INFO for the first check, then at most once a minute)."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    now = time.monotonic()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    level = logging.DEBUG
+    if not _last_replica_log or now - _last_replica_log[-1] >= _REPLICA_LOG_SECONDS:
+        _last_replica_log[:] = [now]
+        level = logging.INFO
+    logger.log(level, "Tied-LoRA: checked %d replicas at step %d: bitwise identical on all %d rank(s)", checked, step,
+               world)
 
 
 def _wrap_allreduce_gradients(original):
