@@ -16,14 +16,17 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 CONFIGS = ("base", "lora", "vera", "tl5", "tl6")
+_BUILD_PREFIX = ".base-build-"  # temporary folder of the base being built, inside --work
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,15 +83,15 @@ def _measure(config: str, *, base: Path, data: Path, rank: int, steps: int, batc
         "median_step_s": statistics.median(times[3:]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable_parameters": sum(p.numel() for p in params),
-        "adapter_memory_bytes": 0,
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in (optimizer.state.values() if optimizer else [])
                                      for t in state.values() if torch.is_tensor(t)),
     }
-    # what the adapter adds to training memory: its parameters (all, frozen ones too), their grads, Adam's state
+    # what the adapter adds to training memory: its parameters (all, frozen ones too), their grads, Adam's state;
+    # the frozen base runs without an adapter (its disabled modules take no part in the step): None, not a size
     stored = [p for name, p in gpt.named_parameters() if "adapter_layer" in name]
-    result["adapter_memory_bytes"] = (sum(p.numel() * p.element_size() for p in stored)
-                                      + sum(p.numel() * p.element_size() for p in params)
-                                      + result["optimizer_state_bytes"])
+    result["adapter_memory_bytes"] = None if config == "base" else (
+        sum(p.numel() * p.element_size() for p in stored) + sum(p.numel() * p.element_size() for p in params)
+        + result["optimizer_state_bytes"])
     if config != "base":
         from nemo_tiedlora.export import per_layer_lora
         from nemo_tiedlora.nemo.adapter_io import save_adapter
@@ -116,6 +119,11 @@ def _machine() -> dict[str, Any]:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
+def _bytes(value: Any) -> str:
+    """A byte count for the table; "-" where it does not apply (the frozen base has no adapter)."""
+    return "-" if value is None else f"{value:,}"
+
+
 def _markdown(report: dict[str, Any]) -> str:
     rows = {row["config"]: row for row in report["rows"]}
     lora, base = rows.get("lora"), rows.get("base")
@@ -132,7 +140,7 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{' / '.join(f'{m:.4f}' for m in row.get('round_medians_s', []))} | "
             f"{row['median_step_s'] / lora['median_step_s']:.3f} | "
             f"{row['median_step_s'] / base['median_step_s']:.3f} | {row['peak_rss_mb']:.0f} | "
-            f"{row['adapter_memory_bytes']:,} | "
+            f"{_bytes(row['adapter_memory_bytes'])} | "
             f"{row['trainable_parameters']:,} | {row['optimizer_state_bytes']:,} | {row.get('adapter_file_bytes', 0):,} | "
             f"{row.get('adapter_raw_bytes', 0):,} | {row.get('merge_s', 0):.4f} |")
     lines += ["", "Targets (same run):"] + [f"- {t}" for t in report["targets"]]
@@ -159,6 +167,36 @@ def _targets(rows: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def cached_base(work: Path, data: Any) -> Path:
+    """The tiny base in ``work`` (``base.nemo`` + ``base.json``), pre-trained once with its progress bar shown.
+
+    It is built in a temporary folder inside ``work`` and moved into place when complete, so an interrupted build
+    leaves neither a partial base nor NeMo's ``model_weights/`` staging folder in ``work``; a temporary folder left
+    by a killed build is removed by the next one. NeMo's log of the build goes to ``work/base.log``.
+    """
+    from nemo_tiedlora.demo.base_model import BaseSpec, _fingerprint
+
+    base, manifest = work / "base.nemo", work / "base.json"
+    fingerprint = _fingerprint(BaseSpec(), data.corpus, data.tokenizer_model)
+    if base.exists() and manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
+        return base
+    for stale in work.glob(f"{_BUILD_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    build = Path(tempfile.mkdtemp(prefix=_BUILD_PREFIX, dir=work))
+    try:
+        print(f"pre-training the tiny base ({BaseSpec().steps} steps, once; cached as {base}; log {work / 'base.log'})",
+              file=sys.stderr, flush=True)
+        with open(work / "base.log", "w") as log:  # the progress bar is on stderr, NeMo's log lines on stdout
+            subprocess.run([sys.executable, "-m", "nemo_tiedlora.demo.base_model", "--out", str(build / base.name),
+                            "--corpus", str(data.corpus), "--tokenizer", str(data.tokenizer_model)], check=True,
+                           stdout=log)
+        os.replace(build / base.name, base)
+        os.replace(build / manifest.name, manifest)  # last: a manifest means a complete base
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return base
+
+
 def run(*, out: Path, rank: int = 8, steps: int = 30, batch: int = 8, work: Path = Path(".cache/bench"),
         rounds: int = 3) -> dict:
     """Build the data and base (cached), measure every configuration in its own process, `rounds` times with the
@@ -171,9 +209,7 @@ def run(*, out: Path, rank: int = 8, steps: int = 30, batch: int = 8, work: Path
 
     work = Path(work).resolve()
     data = build_all(work / "data")
-    base = work / "base.nemo"
-    subprocess.run([sys.executable, "-m", "nemo_tiedlora.demo.base_model", "--out", str(base), "--corpus",
-                    str(data.corpus), "--tokenizer", str(data.tokenizer_model)], check=True, capture_output=True)
+    base = cached_base(work, data)
     best: dict[str, dict[str, Any]] = {}
     for config in tqdm([c for _ in range(rounds) for c in CONFIGS], desc="benchmark runs"):
         command = [sys.executable, "-m", "nemo_tiedlora.bench", config, "--base", str(base), "--data", str(work / "data"),

@@ -219,12 +219,15 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="step time, memory, optimizer state, file size, merge time: base, lora, vera, tl5, tl6"
     )
-    parser.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest counts")
-    parser.add_argument("--work", default=".cache/bench", help="work and cache folder")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: <work>/results; the results shipped with the repository are in "
+                        "benchmarks/results: pass --out benchmarks/results to replace them)")
+    parser.add_argument("--rank", type=int, default=8, help="adapter rank of every configuration (default 8)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (default 30)")
+    parser.add_argument("--batch", type=int, default=8, help="micro batch size of every timed step (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest counts (default 3)")
+    parser.add_argument("--work", default=".cache/bench",
+                        help="work and cache folder: data, the tiny base (built once), adapters (default .cache/bench)")
     parser.add_argument("--memory", action="store_true",
                         help="instead: saved bytes per token and adapter traffic per preset at 7B/8B/70B layer shapes "
                         "(nemo_tiedlora.bench_memory; seconds, no NeMo)")
@@ -232,6 +235,9 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    args.out = Path(args.out) if args.out else Path(args.work) / "results"  # never the shipped results by default
     if args.memory:
         from nemo_tiedlora import bench_memory
 
