@@ -1,0 +1,464 @@
+"""The README is a contract (issue 12): every command and hydra override it shows is checked against the real
+parsers and YAML, and the cheap commands run as written.
+
+Read generically from README.md, so a command added there is checked without touching this file:
+
+- ``python -m nemo_tiedlora <command> ...``: parsed by the real argparse parser (``cli.build_parser``);
+- ``python -m <module> ...`` and ``python <script>.py ...`` with argparse: parsed by the script's own parser (run up to
+  ``parse_args`` in a subprocess, which then stops it);
+- ``python <entry script>.py key=value ...`` (and ``torchrun ... <entry script>.py ...``): every override composed by
+  hydra against the script's YAML (``conf/*.yaml``), as the script would: an override of a key that does not exist
+  fails, exactly as it does for the user;
+- ``bash scripts/run.sh <cmd> ...``: ``<cmd>`` is one of run.sh's commands, and its arguments are checked as the
+  command run.sh runs;
+- hydra overrides in the prose (``model.x.y=...``) and config keys (``model.x.y``) exist in the tuning YAMLs;
+- the ``model.peft.tiedlora_tuning`` reference table lists exactly the YAML's keys, with the YAML's defaults;
+- run as written: every ``params`` command, ``inspect adapter.nemo`` (on a real adapter archive), ``sweep ...
+  --dry-run``, and ``--help`` of every subcommand (each option has a help text).
+
+Placeholders a reader substitutes are substituted here too: ``...`` (more arguments), ``<name>``, an upper-case word
+(``N``, ``DIR``, ``PATH``) as the value of an option that takes a number, ``[optional parts]`` (checked without and
+with them) and ``a|b`` alternatives (each checked).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nemo_tiedlora.cli import build_parser
+from tests.script_env import script_env
+
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+TUNING = REPO / "examples" / "nlp" / "language_modeling" / "tuning"
+COMMAND_START = re.compile(r"^(python3?|torchrun|bash|pip)\b|^\S+\.py\b")
+OVERRIDE = re.compile(r"^\+{0,2}[A-Za-z_]\w*(?:\.\w+)*=")
+CONFIG_KEY = re.compile(r"^(model|trainer|exp_manager|inference)(\.\w+)+$")
+FILE_NAME = re.compile(r"\.(json|ya?ml|nemo|py|md|csv|png|safetensors|model|txt|ckpt)$")  # model.safetensors.index.json
+# Python API named in the prose (methods of NeMo's model), not config keys.
+PYTHON_API = {"model.save_to", "model.load_adapters", "model.add_adapter"}
+NUMBER_PLACEHOLDER = "2"
+
+
+# ------------------------------------------------------------------------------------------------ reading README
+
+
+@dataclass(frozen=True)
+class Command:
+    text: str  # as shown (continuations joined, comment removed)
+    where: str  # "block 3" or "prose"
+
+    @property
+    def id(self) -> str:
+        return f"{self.where}: {self.text[:90]}"
+
+
+def _readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def _blocks(text: str) -> list[str]:
+    return re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def _prose_spans(text: str) -> list[str]:
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    return re.findall(r"`([^`\n]+)`", prose)
+
+
+def readme_commands() -> list[Command]:
+    """Every command line in a code block, and every inline code span that is a command."""
+    text = _readme()
+    commands = []
+    for number, block in enumerate(_blocks(text), 1):
+        for line in block.replace("\\\n", " ").splitlines():  # the shell joins backslash continuations
+            line = line.strip()
+            if COMMAND_START.match(line):
+                commands.append(Command(line, f"block {number}"))
+    # a span of one word (`torchrun`, `megatron_gpt_generate.py`) names a tool; longer ones are commands
+    commands += [Command(span.strip(), "prose") for span in _prose_spans(text)
+                 if COMMAND_START.match(span.strip()) and len(span.split()) > 1]
+    return commands
+
+
+def _tokens(command: Command) -> list[str]:
+    return shlex.split(command.text, comments=True)
+
+
+def prose_overrides() -> list[str]:
+    """Inline spans made only of hydra overrides (``model.x=1 trainer.y=z``), one override each."""
+    found = []
+    for span in _prose_spans(_readme()):
+        parts = span.split()
+        if parts and all(OVERRIDE.match(part) and "." in part.split("=")[0] for part in parts):
+            found += parts
+    return found
+
+
+def prose_config_keys() -> list[str]:
+    return [span for span in _prose_spans(_readme())
+            if CONFIG_KEY.match(span) and not FILE_NAME.search(span) and span not in PYTHON_API]
+
+
+# ------------------------------------------------------------------------------------------------ placeholders
+
+
+def _variants(tokens: list[str]) -> Iterator[list[str]]:
+    """The command without its [optional parts], with all of them, and once per alternative of every a|b."""
+    plain, full, depth = [], [], 0
+    for token in tokens:
+        opened = token.startswith("[")
+        closed = token.endswith("]")
+        token = token.strip("[]") if (opened or closed) else token
+        if opened:
+            depth += 1
+        if token and depth == 0:
+            plain.append(token)
+        if token:
+            full.append(token)
+        if closed:
+            depth -= 1
+    alternatives = [i for i, token in enumerate(full) if "|" in token and not token.startswith("-")]
+    first = [token.split("|")[0] if i in alternatives else token for i, token in enumerate(full)]
+    variants = [[token.split("|")[0] if "|" in token and not token.startswith("-") else token for token in plain],
+                first]
+    for i in alternatives:
+        for option in full[i].split("|")[1:]:
+            variants.append(first[:i] + [option] + first[i + 1:])
+    seen = set()
+    for variant in variants:
+        if tuple(variant) not in seen:
+            seen.add(tuple(variant))
+            yield variant
+
+
+def _unplaceholder(tokens: list[str]) -> list[str]:
+    """Drop `...` (more arguments), turn `<name>` into `name`."""
+    return [re.sub(r"<(\w+)>", r"\1", token) for token in tokens if token != "..."]
+
+
+def _numbers_for_placeholders(parser, tokens: list[str]) -> list[str]:
+    """An upper-case placeholder given to an option that takes a number becomes a number."""
+    numeric = {opt for action in _all_actions(parser) for opt in action.option_strings
+               if action.type in (int, float)}
+    out = []
+    for i, token in enumerate(tokens):
+        option = tokens[i - 1].split("=")[0] if i else ""
+        if re.fullmatch(r"[A-Z]+", token) and option in numeric:
+            token = NUMBER_PLACEHOLDER
+        if "=" in token and token.startswith("--") and token.split("=", 1)[0] in numeric:
+            key, value = token.split("=", 1)
+            token = f"{key}={NUMBER_PLACEHOLDER}" if re.fullmatch(r"[A-Z]+", value) else token
+        out.append(token)
+    return out
+
+
+def _all_actions(parser):
+    for action in parser._actions:
+        yield action
+        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
+            yield from _all_actions(sub)
+
+
+# ------------------------------------------------------------------------------------------------ checkers
+
+
+def _subcommands() -> dict[str, object]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if hasattr(a, "_name_parser_map")]
+    return dict(sub.choices)
+
+
+def _check_cli(args: list[str], where: str) -> None:
+    """``python -m nemo_tiedlora <args>`` parses (argparse's own message on failure)."""
+    parser = build_parser()
+    for variant in _variants(_unplaceholder(args)):
+        variant = _numbers_for_placeholders(parser, variant)
+        try:
+            parser.parse_args(variant)
+        except SystemExit as exit_:
+            pytest.fail(f"{where}: `python -m nemo_tiedlora {' '.join(variant)}` does not parse (exit {exit_.code}); "
+                        "see the argparse message above")
+
+
+_INTERCEPT = r"""
+import argparse, runpy, sys
+class Parsed(BaseException):
+    pass
+original = argparse.ArgumentParser.parse_args
+def parse_args(self, args=None, namespace=None):
+    original(self, args, namespace)  # exits 2 with argparse's message on bad arguments
+    raise Parsed()
+argparse.ArgumentParser.parse_args = parse_args
+kind, target, *argv = sys.argv[1:]
+sys.argv = [target, *argv]
+try:
+    runpy.run_module(target, run_name="__main__", alter_sys=True) if kind == "-m" else runpy.run_path(target, run_name="__main__")
+except Parsed:
+    sys.exit(0)
+sys.exit("the command never parsed its arguments with argparse")
+"""
+
+
+def _check_argparse_program(kind: str, target: str, args: list[str], where: str) -> None:
+    """A program with its own argparse parser parses ``args`` (run up to parse_args in a subprocess)."""
+    for variant in _variants(_unplaceholder(args)):
+        done = subprocess.run([sys.executable, "-c", _INTERCEPT, kind, target, *variant], cwd=REPO,
+                              env=script_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (f"{where}: `python {kind} {target} {' '.join(variant)}` does not parse:\n"
+                                      f"{done.stderr[-2000:]}")
+
+
+def _resolve_script(token: str) -> Path | None:
+    """A script path as shown; ``examples/.../x.py`` stands for the one x.py below examples/."""
+    if "..." in token:
+        matches = sorted(REPO.glob(token.replace("...", "**")))
+        assert len(matches) == 1, f"{token} names {len(matches)} files"
+        return matches[0]
+    path = REPO / token
+    return path if path.is_file() else None
+
+
+def _hydra_config_name(script: Path) -> tuple[Path, str] | None:
+    """(config dir, config name) of a ``@hydra_runner(config_path=..., config_name=...)`` script, else None."""
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "hydra_runner":
+            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+            return script.parent / kwargs["config_path"], kwargs["config_name"]
+    return None
+
+
+def _check_hydra(script: Path, overrides: list[str], where: str) -> None:
+    """Compose the script's YAML with the overrides as hydra does when the script starts."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    conf_dir, name = _hydra_config_name(script)
+    overrides = _unplaceholder(overrides)
+    bad = [o for o in overrides if not OVERRIDE.match(o)]
+    assert not bad, f"{where}: {script.name} takes hydra overrides key=value, not {bad}"
+    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+        try:
+            compose(config_name=name, overrides=overrides)
+        except HydraException as error:
+            pytest.fail(f"{where}: {script.relative_to(REPO)} {' '.join(overrides)}\n  -> {error}")
+
+
+def _check_python(tokens: list[str], where: str) -> None:
+    if tokens[0] in ("-c",):
+        compile(tokens[1], "<README python -c>", "exec")
+        return
+    if tokens[0] == "-m":
+        module, args = tokens[1], tokens[2:]
+        if module == "nemo_tiedlora":
+            _check_cli(args, where)
+            return
+        import importlib.util
+
+        assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
+        if args and module != "pytest":  # no arguments: the prose names the module; pytest's options are its own
+            _check_argparse_program("-m", module, args, where)
+        return
+    script = _resolve_script(tokens[0])
+    assert script is not None, f"{where}: {tokens[0]} does not exist"
+    if _hydra_config_name(script) is not None:
+        _check_hydra(script, tokens[1:], where)
+    else:
+        _check_argparse_program("path", str(script), tokens[1:], where)
+
+
+def _run_sh_commands() -> dict[str, list[str]]:
+    """run.sh's commands: name -> the command it execs with the user's arguments."""
+    text = (REPO / "scripts" / "run.sh").read_text()
+    commands = {name: shlex.split(body) for name, body in re.findall(r'^\s*(\w+)\) exec (.*?) "\$@"', text, re.M)}
+    commands.update({name: [] for name in re.findall(r"^\s*(\w+)\) ;;", text, re.M)})
+    return commands
+
+
+def check_command(command: Command) -> None:
+    tokens = _tokens(command)
+    if tokens[0] == "pip":
+        return
+    if tokens[0] == "bash":
+        assert tokens[1] == "scripts/run.sh", f"{command.where}: unknown script {tokens[1]}"
+        known = _run_sh_commands()
+        assert tokens[2] in known, f"{command.where}: run.sh has no command {tokens[2]!r} (it has {sorted(known)})"
+        if known[tokens[2]]:
+            check_command(Command(shlex.join(known[tokens[2]] + tokens[3:]), command.where))
+        return
+    if tokens[0] == "torchrun":
+        scripts = [i for i, token in enumerate(tokens) if token.endswith(".py")]
+        assert scripts, f"{command.where}: torchrun without a script"
+        tokens = tokens[scripts[0]:]
+    elif tokens[0] in ("python", "python3"):
+        tokens = tokens[1:]
+    _check_python(tokens, command.where)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+COMMANDS = readme_commands()
+
+
+def test_readme_shows_commands():
+    texts = " ".join(c.text for c in COMMANDS)
+    for expected in ("megatron_gpt_finetuning.py", "megatron_gpt_generate.py", "python -m nemo_tiedlora params",
+                     "python -m nemo_tiedlora inspect", "scripts/run.sh demo"):
+        assert expected in texts
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.id for c in COMMANDS])
+def test_readme_command_parses(command):
+    check_command(command)
+
+
+def _tuning_yamls() -> dict[str, dict]:
+    return {path.name: yaml.safe_load(path.read_text()) for path in sorted((TUNING / "conf").glob("*.yaml"))}
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@pytest.mark.parametrize("override", prose_overrides())
+def test_prose_override_is_a_yaml_key(override):
+    key = override.lstrip("+").split("=", 1)[0]
+    yamls = _tuning_yamls()
+    assert any(_has_key(tree, key) for tree in yamls.values()), (
+        f"README shows `{override}` but no tuning YAML ({', '.join(yamls)}) has `{key}`: hydra refuses it "
+        "('Could not override'); add the key to the YAML or fix the README")
+
+
+@pytest.mark.parametrize("key", prose_config_keys())
+def test_prose_config_key_is_a_yaml_key(key):
+    assert any(_has_key(tree, key) for tree in _tuning_yamls().values()), f"README names `{key}`: not in any YAML"
+
+
+def _reference_table() -> dict[str, str]:
+    """key -> documented default, from the ``model.peft.tiedlora_tuning`` reference table."""
+    section = _readme().split("## `model.peft.tiedlora_tuning` reference", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for row in re.findall(r"^\| (`.*?) \| (.*?) \|", section, re.M):
+        for key in re.findall(r"`(\w+)`", row[0]):
+            table[key] = row[1]
+    return table
+
+
+def test_reference_table_is_the_yaml():
+    tuning = _tuning_yamls()["megatron_gpt_finetuning_config.yaml"]["model"]["peft"]["tiedlora_tuning"]
+    table = _reference_table()
+    assert sorted(table) == sorted(tuning), "README's reference table and the YAML's tiedlora_tuning differ"
+    for key, documented in table.items():
+        shown = re.sub(r"\s*\(.*\)$", "", documented.replace("`", "")).strip()
+        assert yaml.safe_load(shown) == tuning[key], f"{key}: README default {documented!r}, YAML {tuning[key]!r}"
+
+
+# -------------------------------------------------------------------- the cheap commands, run as written
+
+
+def _run_as_written(command: Command, cwd: Path) -> subprocess.CompletedProcess:
+    tokens = _tokens(command)
+    assert tokens[0] == "python"
+    return subprocess.run([sys.executable, *tokens[1:]], cwd=cwd, env=script_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def _cli_commands(name: str) -> list[Command]:
+    return [c for c in COMMANDS if _tokens(c)[:4] == ["python", "-m", "nemo_tiedlora", name]]
+
+
+@pytest.mark.parametrize("command", _cli_commands("params"), ids=lambda c: c.id)
+def test_params_runs_as_written(command, tmp_path):
+    done = _run_as_written(command, tmp_path)
+    assert done.returncode == 0, done.stderr
+    if "--json" in command.text:
+        assert json.loads(done.stdout)["presets"]
+    else:
+        assert "tl6" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(tmp_path_factory) -> Path:
+    """A folder holding a real Tied-LoRA adapter archive named as in the README (adapter.nemo)."""
+    import torch
+
+    from nemo_tiedlora.checkpoint import save_archive
+    from nemo_tiedlora.config import TiedLoraConfig
+
+    folder = tmp_path_factory.mktemp("readme")
+    d, out, r, layers = 16, 48, 4, 2
+    tensors = {"A": torch.randn(r, d), "B": torch.randn(out, r)}
+    for layer in range(1, layers + 1):
+        tensors[f"layers.{layer}.u"] = torch.randn(r)
+        tensors[f"layers.{layer}.v"] = torch.randn(out)
+    shape = {"hidden_size": d, "num_layers": layers, "num_attention_heads": 2, "num_query_groups": 2,
+             "kv_channels": 8, "out_features": out}
+    save_archive(folder / "adapter.nemo", config=TiedLoraConfig(preset="tl6", rank=r), shape=shape, tensors=tensors,
+                 model_config_yaml="")
+    return folder
+
+
+@pytest.mark.parametrize("command", _cli_commands("inspect"), ids=lambda c: c.id)
+def test_inspect_runs_as_written(command, adapter_folder):
+    done = _run_as_written(command, adapter_folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tl6" in done.stdout
+
+
+@pytest.mark.parametrize("command", _cli_commands("sweep"), ids=lambda c: c.id)
+def test_sweep_config_as_written_is_valid(command):
+    done = _run_as_written(Command(command.text + " --dry-run", command.where), REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run(s) of" in done.stdout
+
+
+_HELP_ALL = """
+import contextlib, io, json, sys
+from nemo_tiedlora.cli import main
+results = {}
+for name in sys.argv[1:]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main([name, "--help"])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    results[name] = [code, out.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict[str, list]:
+    """``python -m nemo_tiedlora <command> --help`` of every command (one interpreter for all of them)."""
+    done = subprocess.run([sys.executable, "-c", _HELP_ALL, *sorted(_subcommands())], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_subcommand_has_help_and_every_option_a_help_text(name, helps):
+    parser = _subcommands()[name]
+    missing = [action.dest for action in parser._actions
+               if action.option_strings and action.help in (None, "") and action.dest != "help"]
+    assert not missing, f"`python -m nemo_tiedlora {name}`: options without help text: {missing}"
+    code, text = helps[name]
+    assert code == 0 and text.startswith(f"usage: python -m nemo_tiedlora {name}"), text
