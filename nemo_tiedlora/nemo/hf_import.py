@@ -68,7 +68,7 @@ def nemo_config(model_keys: dict[str, Any], tokenizer: dict[str, Any], *, diviso
 def import_hf(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, fmt: str = "dist",
               dtype: str = "fp32", overwrite: bool = False) -> Path:
     """Convert the HF checkpoint folder or ``.gguf`` at ``source`` into a base ``.nemo`` at ``out``."""
-    from nemo_tiedlora.convert import BaseCheckpoint, layout_for, save_with_layout, write_legacy
+    from nemo_tiedlora.convert import BaseCheckpoint, layout_for, padded_vocab, save_with_layout, write_legacy
     from nemo_tiedlora.hf_import import nemo_model_config, nemo_state_dict, vocab_divisor
     from nemo_tiedlora.hf_source import open_source, tokenizer_files
     from nemo_tiedlora.nemo.tools import _restore_base
@@ -89,18 +89,22 @@ def import_hf(source: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
     cfg = nemo_config(model_keys, tokenizer_config(files, getattr(src.tokenizer, "chat_template", None)),
                       divisor=vocab_divisor(vocab, rows), dtype=dtype)
     layout = layout_for(cfg, tp, pp)  # refuse an impossible layout before writing
-    if rows % tp:
-        raise TiedLoraConfigError(f"the vocabulary ({rows} embedding rows) is not divisible by TP={tp}: choose a TP "
-                                  "that divides it")
+    if padded_vocab(vocab, cfg, tp) != rows:
+        raise TiedLoraConfigError(
+            f"at TP={tp} NeMo pads the {vocab}-token vocabulary to {padded_vocab(vocab, cfg, tp)} rows but the "
+            f"checkpoint has {rows}: import at --tp 1 (a distributed checkpoint still loads at any TP that divides "
+            f"{rows // int(cfg.make_vocab_size_divisible_by)})")
     base = BaseCheckpoint(cfg, state, "legacy", layout_for(cfg, 1, 1), dict(files))
     if fmt == "legacy":
         written = write_legacy(base, out, layout, vocab_size=vocab, overwrite=overwrite)
     else:  # NeMo writes the distributed checkpoint from a TP1 legacy copy it restores (kept until it has saved)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-            model = _restore_base(write_legacy(base, Path(tmp) / "tp1.nemo", layout_for(cfg, 1, 1), vocab_size=vocab))
+            tp1 = write_legacy(base, Path(tmp) / "tp1.nemo", layout_for(cfg, 1, 1), vocab_size=vocab)
+            del base, state, src  # one copy of the weights at a time: the restored model's
+            model = _restore_base(tp1)
             if dtype != "fp32":
                 model = model.to(DTYPES[dtype])  # NeMo restores in fp32 on CPU; the archive keeps the chosen dtype
             written = save_with_layout(model, layout, out)
-    logger.info("imported %s -> %s (%s, TP%d PP%d, %s)", src.description, out, fmt, tp, pp, dtype)
+    logger.info("imported %s -> %s (%s, TP%d PP%d, %s)", source, out, fmt, tp, pp, dtype)
     return written
