@@ -14,6 +14,7 @@ This module is pure python + torch (+ safetensors); the NeMo glue is in `nemo_ti
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -89,6 +90,16 @@ def validate_state(tensors: Mapping[str, torch.Tensor], config: TiedLoraConfig, 
         )
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN/Inf factors, naming every tensor that holds one (a diverged run's adapter is never used)."""
+    bad = sorted(key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor).all()))
+    if bad:
+        raise TiedLoraCheckpointError(
+            f"{where}: non-finite values (NaN/Inf) in {bad}: the training run diverged; use an adapter saved before "
+            "the divergence, or train again with a lower learning rate or gradient clipping (trainer.gradient_clip_val)"
+        )
+
+
 def check_base_shape(adapter_shape: Mapping[str, int], base_shape: Mapping[str, int]) -> None:
     """Refuse an adapter made for a base of another shape, naming both shapes."""
     differs = {k: (adapter_shape.get(k), base_shape.get(k)) for k in SHAPE_KEYS if adapter_shape.get(k) != base_shape.get(k)}
@@ -118,8 +129,10 @@ def save_archive(
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise TiedLoraCheckpointError(f"{path} exists: choose another output path or pass overwrite=True (--overwrite)")
+        raise TiedLoraCheckpointError(f"{path} exists: choose another output path or replace it with --overwrite "
+                                      "(overwrite=True from Python)")
     validate_state(tensors, config, shape)
+    check_finite(tensors, f"refusing to write {path}")
     payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in sorted(tensors.items())})
     meta = {
         "format": FORMAT,
@@ -134,6 +147,8 @@ def save_archive(
     if model_config_yaml is not None:
         members.append((CONFIG_NAME, model_config_yaml.encode()))
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):  # left by a killed save of this file
+        stale.unlink(missing_ok=True)
     handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
@@ -149,6 +164,12 @@ def save_archive(
     return path
 
 
+def tar_error_text(error: BaseException) -> str:
+    """tarfile's error on one line: its "could not be opened" lists one attempt per compression on five lines."""
+    text = " ".join(str(error).split())
+    return "not a tar archive" if "could not be opened" in text or not text else text
+
+
 def is_tiedlora_archive(path: Path) -> bool:
     """True if `path` is a tar archive with a tiedlora.json member (cheap: reads the index only)."""
     try:
@@ -158,8 +179,9 @@ def is_tiedlora_archive(path: Path) -> bool:
         return False
 
 
-def load_archive(path: Path) -> AdapterArchive:
-    """Read and validate an archive; every failure is a TiedLoraCheckpointError naming the file and the fix."""
+def load_archive(path: Path, *, finite: bool = True) -> AdapterArchive:
+    """Read and validate an archive; every failure is a TiedLoraCheckpointError naming the file and the fix.
+    `finite`: also refuse NaN/Inf tensors (False only to inspect such an archive)."""
     from safetensors.torch import load as safetensors_load
 
     path = Path(path)
@@ -169,9 +191,10 @@ def load_archive(path: Path) -> AdapterArchive:
         with tarfile.open(path) as tar:
             files = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
     except (tarfile.TarError, OSError, EOFError) as error:
+        cause = tar_error_text(error)
         raise TiedLoraCheckpointError(
-            f"{path} is not a readable adapter archive ({error}): the file is truncated or corrupt; copy it again "
-            "or re-export it from the training run"
+            f"{path} is not a readable adapter archive ({cause}): the file is truncated or corrupt, or not an adapter "
+            "file; copy it again or re-export it from the training run"
         ) from error
     if META_NAME not in files or WEIGHTS_NAME not in files:
         raise TiedLoraCheckpointError(
@@ -191,5 +214,7 @@ def load_archive(path: Path) -> AdapterArchive:
     config = TiedLoraConfig.from_dict(meta["config"])
     shape = {k: int(v) for k, v in meta["base_shape"].items()}
     validate_state(tensors, config, shape)
+    if finite:
+        check_finite(tensors, str(path))
     config_yaml = files.get(CONFIG_NAME)
     return AdapterArchive(config, shape, tensors, config_yaml.decode() if config_yaml else None, meta)

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(subparsers)
     _add_bench(subparsers)
     _add_compat(subparsers)
+    _add_check_data(subparsers)
     return parser
 
 
@@ -263,6 +264,62 @@ def _run_compat(args: argparse.Namespace) -> int:
     compat.apply()
     print(compat.describe())
     return 0
+
+
+def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
+    from nemo_tiedlora.data_check import DataSpec
+
+    defaults = DataSpec(max_seq_length=1)
+    parser = subparsers.add_parser(
+        "check-data", help="check SFT JSONL files as the fine-tuning script does before it builds the model",
+        description="Malformed lines, missing keys, non-UTF-8 bytes, empty files, examples longer than "
+        "--max-seq-length, no room next to --tokens-to-generate: refused with file, line, field and the fix.")
+    parser.add_argument("files", nargs="+", help="JSONL files (model.data.*.file_names)")
+    parser.add_argument("--max-seq-length", type=int, required=True, help="model.data.<split>.max_seq_length")
+    parser.add_argument("--prompt-template", default=defaults.prompt_template,
+                        help=f"model.data.<split>.prompt_template (default {defaults.prompt_template!r}); its "
+                        "{placeholders} are the input keys")
+    parser.add_argument("--label-key", default=defaults.label_key,
+                        help=f"model.data.<split>.label_key, the output key (default {defaults.label_key!r})")
+    parser.add_argument("--tokens-to-generate", type=int, default=0,
+                        help="model.data.validation_ds.tokens_to_generate, for validation files (default 0)")
+    parser.add_argument("--add-bos", action="store_true", help="model.data.<split>.add_bos")
+    parser.add_argument("--no-eos", action="store_true", help="model.data.<split>.add_eos=False")
+    parser.add_argument("--tokenizer", help="count tokens with this sentencepiece .model or base .nemo (default: "
+                        "count words, a lower bound on tokens)")
+    parser.set_defaults(handler=_run_check_data)
+
+
+def _run_check_data(args: argparse.Namespace) -> int:
+    from nemo_tiedlora.data_check import DataSpec, check_files
+
+    spec = DataSpec(max_seq_length=args.max_seq_length, prompt_template=args.prompt_template,
+                    label_key=args.label_key, tokens_to_generate=args.tokens_to_generate, add_bos=args.add_bos,
+                    add_eos=not args.no_eos, section="cli")
+    count_tokens = _file_token_counter(args.tokenizer) if args.tokenizer else None
+    unit = "tokens" if count_tokens else "words"
+    for report in check_files(args.files, spec, count_tokens=count_tokens):
+        print(f"{report.path}: {report.examples} examples, longest {report.longest} {unit}, "
+              f"{report.over_length} longer than {spec.max_seq_length} (NeMo truncates them): ok")
+    return 0
+
+
+def _file_token_counter(path: str):
+    from pathlib import Path
+
+    if path.endswith(".nemo"):
+        from nemo_tiedlora.nemo.preflight import read_model_config, token_counter
+
+        counter = token_counter(Path(path), read_model_config(Path(path), what="--tokenizer"))
+        if counter is None:
+            raise TiedLoraConfigError(f"--tokenizer {path}: its tokenizer is not sentencepiece; pass a .model file")
+        return counter
+    import sentencepiece
+
+    if not Path(path).is_file():
+        raise TiedLoraConfigError(f"--tokenizer {path}: no such file")
+    processor = sentencepiece.SentencePieceProcessor(model_file=path)
+    return lambda text: len(processor.encode(text))
 
 
 def _run_params(args: argparse.Namespace) -> int:

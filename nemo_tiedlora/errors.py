@@ -18,3 +18,17 @@ class TiedLoraCheckpointError(RuntimeError):
 
     The message names what is missing or mismatched (keys, shapes) and how to load it correctly.
     """
+
+
+class TiedLoraDataError(TiedLoraConfigError):
+    """Training or validation data that NeMo would reject late or silently mistrain on.
+
+    The message names the file, the line, the field and the fix.
+    """
+
+
+class TiedLoraGradientError(RuntimeError):
+    """A non-finite (NaN/Inf) adapter gradient: the run stops before the optimizer writes it into the factors.
+
+    The message names the step, the parameters and what to change.
+    """

@@ -409,7 +409,8 @@ def _write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], No
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(
-            f"{out_dir} already exists: choose a new output directory or pass overwrite=True to replace it"
+            f"{out_dir} already exists: choose a new output directory or replace it with --overwrite (overwrite=True "
+            "from Python)"
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory: remove it or choose another output path")

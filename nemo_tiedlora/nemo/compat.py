@@ -8,6 +8,7 @@ test, so a fix is applied only where its defect is present:
   no ``NVIDIA_PYTORCH_VERSION``). Applies on CPU and GPU machines alike; inside the container none is needed.
 - ``mcore``: NeMo 2.4.1 against megatron-core 0.13 (both on GPU and CPU).
 - ``lightning``: NeMo 2.4.1's data path against Lightning 2.x's loop bookkeeping (everywhere).
+- ``nemo``: NeMo 2.4.1 disagreeing with itself (everywhere, GPU included).
 - ``cpu``: CUDA-only calls in NeMo and megatron-core on a machine without a CUDA device. ``needed()`` is false
   wherever ``torch.cuda.is_available()``, so the GPU path stays untouched by CPU-only fixes.
 
@@ -35,7 +36,7 @@ class Fix:
     """One run-time fix for one upstream defect."""
 
     name: str
-    scope: str  # "environment" | "mcore" | "lightning" | "cpu"
+    scope: str  # "environment" | "mcore" | "lightning" | "nemo" | "cpu"
     defect: str  # the upstream defect, with the file it lives in
     needed: Callable[[], bool]
     patch: Callable[[], None]
@@ -240,6 +241,9 @@ def ensure_process_groups(
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from nemo_tiedlora.nemo.launch import dist_timeout
+
+    timeout = dist_timeout()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
@@ -253,9 +257,12 @@ def ensure_process_groups(
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
             init_method = "env://"
-        dist.init_process_group(backend=backend, init_method=init_method, rank=global_rank, world_size=world_size)
+        # A bounded wait for a lost rank (launch.dist_timeout; torch's default is 30 minutes).
+        dist.init_process_group(backend=backend, init_method=init_method, rank=global_rank, world_size=world_size,
+                                timeout=timeout)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
+            distributed_timeout_minutes=int(max(1, timeout.total_seconds() // 60)),
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
@@ -431,6 +438,31 @@ def _epoch_length_from_epoch_start() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# nemo: the PEFT checkpoint of a model held as a list of chunks without a virtual pipeline
+# ----------------------------------------------------------------------------------------------------------------
+def _peft_checkpoint_chunk_keys() -> None:
+    from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
+
+    original = NLPAdapterModelMixin.on_load_checkpoint
+    if getattr(original, "_nemo_tiedlora_fix", False):
+        return
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        # get_peft_state_dict saves a list-held model (the distributed optimizer keeps [McoreDDP(chunk)] even
+        # without a virtual pipeline) as {"model_0": {...}}; on_load_checkpoint unwraps "model_<i>" only under a
+        # virtual pipeline. Unwrap the single chunk here; NeMo's hook then loads it (and empties it, as it does).
+        state = checkpoint.get("state_dict")
+        model = getattr(self, "model", None)
+        if (isinstance(model, list) and len(model) == 1 and self.cfg.get("virtual_pipeline_model_parallel_size") is None
+                and isinstance(state, dict) and set(state) == {"model_0"}):
+            checkpoint["state_dict"] = state["model_0"]
+        return original(self, checkpoint)
+
+    on_load_checkpoint._nemo_tiedlora_fix = True
+    NLPAdapterModelMixin.on_load_checkpoint = on_load_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # environment: a Hugging Face tokenizer carried inside the .nemo
 # ----------------------------------------------------------------------------------------------------------------
 HF_TOKENIZER_IN_ARCHIVE = "nemo_tiedlora:hf_files"  # tokenizer.type of a .nemo whose HF tokenizer is in the archive
@@ -556,6 +588,17 @@ FIXES: tuple[Fix, ...] = (
         "differ from an uninterrupted run). The length becomes the whole epoch's",
         lambda: True,
         _epoch_length_from_epoch_start,
+    ),
+    Fix(
+        "peft-checkpoint-chunk-keys",
+        "nemo",
+        "nlp_adapter_mixins.py NLPAdapterModelMixin: get_peft_state_dict saves a model held as a list (the mcore "
+        "distributed optimizer's [McoreDDP], no virtual pipeline) under 'model_0', on_load_checkpoint unwraps "
+        "'model_<i>' only with a virtual pipeline: the end-of-training best-checkpoint restore "
+        "(nemo_model_checkpoint.py on_train_end) fails with 'Unexpected key(s) in state_dict: \"model_0\"' and no "
+        "adapter .nemo is written (every PEFT scheme, GPU too). The single chunk is unwrapped before loading",
+        lambda: True,
+        _peft_checkpoint_chunk_keys,
     ),
     Fix(
         "cpu-device",

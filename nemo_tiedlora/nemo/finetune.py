@@ -28,11 +28,16 @@ def tuning_config(name: str = "finetuning") -> DictConfig:
     return OmegaConf.load(path)
 
 
-def _prepare(cfg: DictConfig) -> None:
-    """Fixes and registration first; then settings a CPU run needs (NeMo's defaults assume CUDA + apex)."""
+def _prepare(cfg: DictConfig, *, training: bool = False) -> None:
+    """Checks of the inputs (before any relaunch or process group: nemo.preflight); fixes and registration; then
+    settings a CPU run needs (NeMo's defaults assume CUDA + apex)."""
     from nemo_tiedlora.nemo import compat, setup
     from nemo_tiedlora.nemo.launch import relaunch_under_torchrun_if_needed
+    from nemo_tiedlora.nemo.preflight import check_before_launch, remove_unfinished_checkpoints
 
+    check_before_launch(cfg, training=training)
+    if training:
+        remove_unfinished_checkpoints(cfg)
     relaunch_under_torchrun_if_needed(cfg.trainer)
     setup()
     if cfg.model.get("optim", {}).get("name") == "mcore_distributed_optim":
@@ -75,7 +80,7 @@ def build(cfg: DictConfig, *, callbacks: Optional[list] = None) -> tuple[Any, An
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
     from nemo.utils.exp_manager import exp_manager
 
-    _prepare(cfg)
+    _prepare(cfg, training=True)
     trainer = _build_trainer(cfg, callbacks)
     log_dir = exp_manager(trainer, cfg.get("exp_manager", None))
     model_cfg = MegatronGPTSFTModel.merge_cfg_with(cfg.model.restore_from_path, cfg)

@@ -8,13 +8,17 @@ command line, the launcher NeMo users already use for multi-node runs.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 logger = logging.getLogger("nemo_tiedlora")
 
+TIMEOUT_ENV = "NEMO_TIEDLORA_DIST_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 10
 _LAUNCHED_MARKERS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
 
 
@@ -40,6 +44,40 @@ def relaunch_under_torchrun_if_needed(trainer_cfg: Any) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Around an entry script's work: our own errors (bad config, data, archive) end the script with their message
+    as the last line of the output and exit status 2, without Hydra's traceback (a gradient anomaly too); `HYDRA_FULL_ERROR=1` keeps the
+    traceback (the exception propagates to Hydra unchanged)."""
+    from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError, TiedLoraGradientError
+
+    try:
+        yield
+    except (TiedLoraConfigError, TiedLoraCheckpointError, TiedLoraGradientError) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.stdout.flush()
+        rank = os.environ.get("RANK")
+        prefix = f"rank {rank}: " if rank not in (None, "0") else ""
+        print(f"error: {prefix}{' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective waits for a missing rank before it fails: $NEMO_TIEDLORA_DIST_TIMEOUT_MINUTES (default
+    10), instead of torch's 30 minutes. Every rank of a job must use the same value."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if minutes <= 0:
+        from nemo_tiedlora.errors import TiedLoraConfigError
+
+        raise TiedLoraConfigError(f"{TIMEOUT_ENV}={raw!r}: set it to a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
 
 
 def finish_distributed() -> None:

@@ -202,6 +202,7 @@ def _before_data_parallel_reduction(model: Any) -> None:
     """Once per optimizer step, before the DP reduction: (optionally) check replicas, then sum adapter grads."""
     if not hasattr(model, "_tiedlora_steps"):
         return  # no tiedlora adapters in this model
+    from nemo_tiedlora.anomaly import check_finite_grads
     from nemo_tiedlora.parallel import check_replicas, reduce_adapter_grads
 
     chunks = _model_chunks(model)
@@ -212,6 +213,7 @@ def _before_data_parallel_reduction(model: Any) -> None:
         _log_replica_check(checked, step)
     model._tiedlora_steps += 1
     reduce_adapter_grads(chunks)
+    check_finite_grads(chunks, step=model._tiedlora_steps - 1)  # before the optimizer applies a NaN/Inf
 
 
 _REPLICA_LOG_SECONDS = 60.0  # after the first check, at most one INFO line a minute (every check at DEBUG)

@@ -18,7 +18,7 @@ def test_every_fix_names_its_scope_and_defect():
     names = [fix.name for fix in compat.FIXES]
     assert len(names) == len(set(names))
     for fix in compat.FIXES:
-        assert fix.scope in ("environment", "mcore", "lightning", "cpu"), fix.name
+        assert fix.scope in ("environment", "mcore", "lightning", "nemo", "cpu"), fix.name
         assert ".py" in fix.defect, f"{fix.name}: the defect names the upstream file it lives in"
     table = compat.describe()
     assert all(name in table for name in names)

@@ -16,14 +16,15 @@ from nemo.core.config import hydra_runner
 
 import nemo_tiedlora  # noqa: F401  (registers the `tiedlora` PEFT scheme)
 from nemo_tiedlora.nemo.finetune import finetune
-from nemo_tiedlora.nemo.launch import finish_distributed
+from nemo_tiedlora.nemo.launch import finish_distributed, user_errors
 
 mp.set_start_method("spawn", force=True)
 
 
 @hydra_runner(config_path="conf", config_name="megatron_gpt_finetuning_config")
 def main(cfg) -> None:
-    finetune(cfg)
+    with user_errors():  # our errors end with their one-line cause (HYDRA_FULL_ERROR=1: traceback)
+        finetune(cfg)
     finish_distributed()
 
 

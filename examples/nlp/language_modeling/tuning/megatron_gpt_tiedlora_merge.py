@@ -9,13 +9,15 @@ per-rank checkpoint at any TP/PP; `format=dist` (default) loads at any TP/PP, `f
 
 from nemo.core.config import hydra_runner
 
+from nemo_tiedlora.nemo.launch import user_errors
 from nemo_tiedlora.nemo.tools import merge
 
 
 @hydra_runner(config_path="conf", config_name="megatron_gpt_tiedlora_merge_config")
 def main(cfg) -> None:
-    out = merge(base=cfg.base, adapter=cfg.adapter, out=cfg.out, tp=cfg.tp, pp=cfg.pp, fmt=cfg.format,
-                first_stage_layers=cfg.first_stage_layers, vocab_size=cfg.vocab_size, overwrite=cfg.overwrite)
+    with user_errors():
+        out = merge(base=cfg.base, adapter=cfg.adapter, out=cfg.out, tp=cfg.tp, pp=cfg.pp, fmt=cfg.format,
+                    first_stage_layers=cfg.first_stage_layers, vocab_size=cfg.vocab_size, overwrite=cfg.overwrite)
     print(f"merged .nemo: {out}")
 
 
