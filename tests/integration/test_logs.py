@@ -1,0 +1,67 @@
+"""What a user reads in the output of the commands they type (issue 12, item 6 and the logging deliverable): our own
+lines at INFO (parameter summary, replica check, adapter written, resume), NeMo's per-field "does not have
+field.name ... Add this key to cfg" warnings summarized in one line, in the entry script and in ``convert``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.script_env import script_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "examples/nlp/language_modeling/tuning/megatron_gpt_finetuning.py"
+SUMMARY = re.compile(r"(\d+) config keys not used by this model")
+
+
+def _run(command: list[str]) -> str:
+    done = subprocess.run(command, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def _finetune(base: Path, data, work: Path, steps: int) -> str:
+    return _run([
+        sys.executable, str(SCRIPT), f"model.restore_from_path={base}", "trainer.accelerator=cpu", "trainer.devices=1",
+        f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=False", "model.global_batch_size=8", "model.micro_batch_size=8",
+        "model.peft.tiedlora_tuning.check_replicas_every=1",
+        f"model.data.train_ds.file_names=[{data.train}]", f"model.data.validation_ds.file_names=[{data.validation}]",
+        "model.data.validation_ds.names=[validation]", "model.data.train_ds.max_seq_length=64",
+        "model.data.validation_ds.max_seq_length=64", "model.data.train_ds.memmap_workers=1",
+        f"exp_manager.exp_dir={work}", "name=logs", "exp_manager.resume_if_exists=True",
+    ])
+
+
+def _no_per_field_warnings(output: str) -> None:
+    assert "Add this key to cfg" not in output
+    counts = [int(n) for n in SUMMARY.findall(output)]
+    assert len(counts) == 1 and counts[0] > 50, counts  # one line for ~120 keys
+
+
+def test_entry_script_shows_our_lines_and_one_summary_then_resumes(tiny, tmp_path):
+    base, data, _ = tiny
+    first = _finetune(base, data, tmp_path, steps=2)
+    _no_per_field_warnings(first)
+    assert "Tied-LoRA trainable parameters (preset=tl6" in first
+    assert re.search(r"Tied-LoRA: checked \d+ replicas at step 0: bitwise identical on all 1 rank", first)
+    assert re.search(r"saved Tied-LoRA adapter \(\d+ tensors\) to \S+\.nemo", first)
+    assert "resuming from" not in first
+    second = _finetune(base, data, tmp_path, steps=4)  # the same run, continued
+    assert re.search(r"resuming from \S+\.ckpt: adapter, optimizer and LR-scheduler state", second)
+    _no_per_field_warnings(second)
+
+
+def test_convert_shows_one_summary(tiny, tmp_path):
+    base, _, _ = tiny
+    output = _run([sys.executable, "-m", "nemo_tiedlora", "convert", "--in", str(base), "--out",
+                   str(tmp_path / "converted.nemo")])
+    _no_per_field_warnings(output)
+    assert f"converted .nemo: {tmp_path / 'converted.nemo'}" in output
