@@ -65,6 +65,21 @@ def stop_group(process: subprocess.Popen, *, grace: float = _GRACE_SECONDS) -> N
             continue
 
 
+@contextlib.contextmanager
+def _no_second_interrupt():
+    """Ignore SIGINT while the child is being stopped (main thread only; elsewhere signals cannot be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_logged(args: Sequence[str], *, log: Path, title: str, echo: bool = False,
                pid_file: Path | None = None, marker: str = "") -> None:
     """Run ``args`` as a child bound to this process; everything it prints goes to ``log``, progress lines also to
@@ -93,7 +108,8 @@ def run_logged(args: Sequence[str], *, log: Path, title: str, echo: bool = False
                     sys.stdout.flush()
             process.wait()
         except BaseException:
-            stop_group(process)
+            with _no_second_interrupt():  # a second Ctrl-C must not abandon the child half-stopped
+                stop_group(process)
             raise
         finally:
             if pid_file is not None and process.poll() is not None:
