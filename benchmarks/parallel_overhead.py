@@ -78,6 +78,8 @@ def main() -> None:
         lines.append(f"| {row['config']} | {row['processes']} | {row['median_step_s']:.4f} | "
                      f"{row['reduction_bytes_per_step']:,.0f} | {row['reduction_s_per_step']:.5f} | "
                      f"{100 * row['reduction_share']:.2f}% |")
+    lines += ["", "The reductions at TP2 sum B's and v's gradients over TP (partial by rows); A's and u's only with sequence "
+              "parallelism (without it they are complete on every TP rank). PP2 sums A and B over the stages."]
     lines += _traffic_markdown(traffic)
     (Path(args.out) / f"parallel_overhead_{device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
