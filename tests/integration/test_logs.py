@@ -1,6 +1,6 @@
 """What a user reads in the output of the commands they type (issue 12, item 6 and the logging deliverable): our own
 lines at INFO (parameter summary, replica check, adapter written, resume), NeMo's per-field "does not have
-field.name ... Add this key to cfg" warnings summarized in one line, in the entry script and in ``convert``."""
+field.name ... Add this key to cfg" warnings summarized in one line, in the entry script, ``merge`` and ``convert``."""
 
 from __future__ import annotations
 
@@ -46,17 +46,39 @@ def _no_per_field_warnings(output: str) -> None:
     assert len(counts) == 1 and counts[0] > 50, counts  # one line for ~120 keys
 
 
-def test_entry_script_shows_our_lines_and_one_summary_then_resumes(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def first_run(tiny, tmp_path_factory):
+    """(output of a 2-step fine-tuning run through the entry script, its work folder)."""
     base, data, _ = tiny
-    first = _finetune(base, data, tmp_path, steps=2)
-    _no_per_field_warnings(first)
-    assert "Tied-LoRA trainable parameters (preset=tl6" in first
-    assert re.search(r"Tied-LoRA: checked \d+ replicas at step 0: bitwise identical on all 1 rank", first)
-    assert re.search(r"saved Tied-LoRA adapter \(\d+ tensors\) to \S+\.nemo", first)
-    assert "resuming from" not in first
-    second = _finetune(base, data, tmp_path, steps=4)  # the same run, continued
+    work = tmp_path_factory.mktemp("logs")
+    return _finetune(base, data, work, steps=2), work
+
+
+def test_entry_script_shows_our_lines_and_one_summary(first_run):
+    output, _ = first_run
+    _no_per_field_warnings(output)
+    assert "Tied-LoRA trainable parameters (preset=tl6" in output
+    assert re.search(r"Tied-LoRA: checked \d+ replicas at step 0: bitwise identical on all 1 rank", output)
+    assert re.search(r"saved Tied-LoRA adapter \(\d+ tensors\) to \S+\.nemo", output)
+    assert "resuming from" not in output
+
+
+def test_resumed_run_says_so(tiny, first_run):
+    base, data, _ = tiny
+    _, work = first_run
+    second = _finetune(base, data, work, steps=4)  # the same run, continued
     assert re.search(r"resuming from \S+\.ckpt: adapter, optimizer and LR-scheduler state", second)
     _no_per_field_warnings(second)
+
+
+def test_merge_shows_one_summary(tiny, first_run, tmp_path):
+    base, _, _ = tiny
+    _, work = first_run
+    adapter = sorted((work / "logs").rglob("checkpoints/*.nemo"))[-1]
+    output = _run([sys.executable, "-m", "nemo_tiedlora", "merge", "--base", str(base), "--adapter", str(adapter),
+                   "--out", str(tmp_path / "merged.nemo")])
+    _no_per_field_warnings(output)
+    assert f"merged .nemo: {tmp_path / 'merged.nemo'}" in output
 
 
 def test_convert_shows_one_summary(tiny, tmp_path):
