@@ -228,8 +228,11 @@ def _log_replica_check(checked: int, step: int) -> None:
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return
+    if not dist.is_initialized():  # one process holds the only copy of every tensor: nothing to compare
+        logger.debug("Tied-LoRA: replica check at step %d skipped: no process group", step)
+        return
     now = time.monotonic()
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = dist.get_world_size()
     level = logging.DEBUG
     if not _last_replica_log or now - _last_replica_log[-1] >= _REPLICA_LOG_SECONDS:
         _last_replica_log[:] = [now]
