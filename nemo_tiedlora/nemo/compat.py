@@ -462,6 +462,61 @@ def _peft_checkpoint_chunk_keys() -> None:
     NLPAdapterModelMixin.on_load_checkpoint = on_load_checkpoint
 
 
+PARAM_STATE_KEY = "nemo_tiedlora:distributed_optimizer_param_state"
+
+
+def _dist_optimizers(optimizer) -> list:
+    """The megatron DistributedOptimizers behind NeMo's McoreDistributedOptimizer (chained or not)."""
+    inner = getattr(optimizer, "mcore_optimizer", None)
+    if inner is None:
+        return []
+    chained = getattr(inner, "chained_optimizers", None) or [inner]
+    return [opt for opt in chained if hasattr(opt, "get_parameter_state_dp_zero")]
+
+
+def _peft_distributed_optimizer_state() -> None:
+    from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
+    from nemo.core.optim.mcore_optim import McoreDistributedOptimizer
+
+    if getattr(NLPAdapterModelMixin.__dict__.get("on_save_checkpoint"), "_nemo_tiedlora_fix", False):
+        return
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        super(NLPAdapterModelMixin, self).on_save_checkpoint(checkpoint)
+        if not (getattr(self, "use_peft", False) and getattr(self, "setup_complete", False)):
+            return
+        trainer = getattr(self, "_trainer", None)
+        optimizers = trainer.optimizers if trainer is not None else []
+        states = checkpoint.get("optimizer_states") or []
+        for optimizer, state in zip(optimizers, states):
+            dist_opts = _dist_optimizers(optimizer)
+            if dist_opts and isinstance(state, dict):
+                # collective over the data-parallel group: every rank dumps the checkpoint, DP rank 0 gets it all
+                state[PARAM_STATE_KEY] = [opt.get_parameter_state_dp_zero() for opt in dist_opts]
+
+    on_save_checkpoint._nemo_tiedlora_fix = True
+    NLPAdapterModelMixin.on_save_checkpoint = on_save_checkpoint
+
+    original_load = McoreDistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        param_states = state_dict.pop(PARAM_STATE_KEY, None) if isinstance(state_dict, dict) else None
+        original_load(self, state_dict)
+        if param_states is not None:  # every DP rank read the same file; DP rank 0 scatters the shards
+            with torch.no_grad():  # fp32 main params are views of the trained parameters
+                for opt, param_state in zip(_dist_optimizers(self), param_states):
+                    # torch's Adam keeps a "step" tensor per parameter (set from param_groups by load_state_dict)
+                    # that the parameter state does not carry: megatron would look it up there (KeyError)
+                    inner = opt.optimizer.state
+                    steps = {param: state.pop("step") for param, state in inner.items() if "step" in state}
+                    opt.load_parameter_state_from_dp_zero(param_state)
+                    for param, step in steps.items():  # one tensor each: megatron hands every parameter the
+                        inner[param]["step"] = step.clone()  # same one, which Adam's in-place += 1 would count N times
+
+    load_state_dict._nemo_tiedlora_fix = True
+    McoreDistributedOptimizer.load_state_dict = load_state_dict
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # environment: a Hugging Face tokenizer carried inside the .nemo
 # ----------------------------------------------------------------------------------------------------------------
@@ -599,6 +654,21 @@ FIXES: tuple[Fix, ...] = (
         "adapter .nemo is written (every PEFT scheme, GPU too). The single chunk is unwrapped before loading",
         lambda: True,
         _peft_checkpoint_chunk_keys,
+    ),
+    Fix(
+        "peft-distributed-optimizer-state",
+        "nemo",
+        "nlp_overrides.py NLPDDPStrategy.save_checkpoint writes a PEFT run's checkpoint as a plain torch file, whose "
+        "optimizer state is mcore_optim.py McoreDistributedOptimizer.state_dict(): megatron's DistributedOptimizer "
+        "leaves the Adam moments and main params out of it (distrib_optimizer.py: they travel only in a "
+        "distributed checkpoint), and on resume load_state_dict fills them with torch.empty: garbage moments, NaN "
+        "factors after the first resumed step (every PEFT scheme, GPU too). The moments and main params "
+        "(get_parameter_state_dp_zero) are added to the checkpoint and scattered back on load (torch Adam's per-"
+        "parameter 'step' set aside meanwhile: load_parameter_state_from_dp_zero would look it up: KeyError; and "
+        "given back as one tensor per parameter: load_state_dict shares one, which Adam's in-place step += 1 "
+        "advances once per parameter, skewing the bias correction after a resume)",
+        lambda: True,
+        _peft_distributed_optimizer_state,
     ),
     Fix(
         "cpu-device",

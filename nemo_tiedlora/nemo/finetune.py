@@ -97,11 +97,43 @@ def build(cfg: DictConfig, *, callbacks: Optional[list] = None) -> tuple[Any, An
 
 def finetune(cfg: DictConfig, *, callbacks: Optional[list] = None) -> Optional[Path]:
     """Run NeMo PEFT fine-tuning from a hydra config; return the adapter .nemo written at the end (rank 0)."""
-    trainer, model, _, log_dir = build(cfg, callbacks=callbacks)
+    ended = _TrainEndSeen.make()
+    trainer, model, _, log_dir = build(cfg, callbacks=[*(callbacks or []), ended])
     if getattr(trainer, "ckpt_path", None):  # exp_manager found a checkpoint (exp_manager.resume_if_exists=True)
         logger.info("resuming from %s: adapter, optimizer and LR-scheduler state", trainer.ckpt_path)
     trainer.fit(model)
+    if not ended.seen and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        _finish_completed_run(trainer, model)
     return _final_nemo(log_dir)
+
+
+class _TrainEndSeen:
+    """A Lightning callback that records whether on_train_end ran."""
+
+    @staticmethod
+    def make():
+        from lightning.pytorch import Callback
+
+        class TrainEndSeen(Callback):
+            seen = False
+
+            def on_train_end(self, trainer, pl_module) -> None:
+                self.seen = True
+
+        return TrainEndSeen()
+
+
+def _finish_completed_run(trainer: Any, model: Any) -> None:
+    """A run resumed from its final checkpoint (killed after it, e.g. while the adapter .nemo was written): Lightning
+    skips the whole fit loop, on_train_end included, so NeMo's checkpoint callback never writes the end-of-training
+    adapter .nemo. Run that end here (restore the best checkpoint if asked, save the .nemo)."""
+    from nemo.utils.callbacks import NeMoModelCheckpoint
+
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, NeMoModelCheckpoint):
+            logger.info("the resumed run was already complete (step %d): writing its end-of-training files",
+                        trainer.global_step)
+            callback.on_train_end(trainer, model)
 
 
 def _final_nemo(log_dir: Any) -> Optional[Path]:

@@ -213,7 +213,8 @@ def _before_data_parallel_reduction(model: Any) -> None:
         _log_replica_check(checked, step)
     model._tiedlora_steps += 1
     reduce_adapter_grads(chunks)
-    check_finite_grads(chunks, step=model._tiedlora_steps - 1)  # before the optimizer applies a NaN/Inf
+    trainer = getattr(model, "_trainer", None)  # steps done, resumed runs included (our counter restarts at 0)
+    check_finite_grads(chunks, step=trainer.global_step if trainer is not None else model._tiedlora_steps - 1)
 
 
 _REPLICA_LOG_SECONDS = 60.0  # after the first check, at most one INFO line a minute (every check at DEBUG)
