@@ -42,7 +42,7 @@ def test_sweep_runs_stops_early_and_reports(tiny, tmp_path, capsys):
         f"ranks: [{RANK}]\n"
         f"lrs: [{LR!r}]\n"
         f"training: {{max_steps: {MAX_STEPS}, val_check_interval: {VAL_EVERY}, global_batch_size: 4, "
-        "micro_batch_size: 4, max_seq_length: 64}\n"
+        "micro_batch_size: 4, max_seq_length: 160}\n"
         # no later validation can beat the first by 1e9: the second validation (step 4) stops training
         "early_stopping: {enabled: true, monitor: validation_loss, patience: 1, min_delta: 1.0e9}\n"
         "generation: {tokens_to_generate: 4, batch_size: 8}\n"
