@@ -45,3 +45,19 @@ def test_unfinished_checkpoints_removed_only_when_resuming(tmp_path):
     cfg.exp_manager.resume_if_exists = True
     assert len(remove_unfinished_checkpoints(cfg)) == 2
     assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == [done.name]
+
+
+def test_process_group_timeout_setting(monkeypatch):
+    import datetime
+
+    from nemo_tiedlora.errors import TiedLoraConfigError
+    from nemo_tiedlora.nemo.launch import TIMEOUT_ENV, dist_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert dist_timeout() == datetime.timedelta(minutes=10)  # not torch's 30
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert dist_timeout() == datetime.timedelta(seconds=150)
+    for bad in ("0", "-1", "ten"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(TiedLoraConfigError, match=f"{TIMEOUT_ENV}='{bad}': set it to a positive number of minutes"):
+            dist_timeout()
