@@ -139,7 +139,8 @@ def _add_adapter_tools(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_import_hf(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "import-hf", help="import a Hugging Face Llama/Mistral/Qwen2/SmolLM checkpoint (folder or .gguf) as a base .nemo")
+        "import-hf",
+        help="import a Hugging Face Llama/Mistral/Qwen2/SmolLM checkpoint (folder or .gguf) as a base .nemo")
     parser.add_argument("--in", dest="source", required=True,
                         help="HF checkpoint folder (config.json + safetensors, sharded with its index) or a .gguf file")
     parser.add_argument("--out", required=True, help="base .nemo to write (tokenizer inside)")

@@ -27,8 +27,8 @@ PROMPT_TEMPLATE = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{
                    "<|im_start|>assistant\n{output}")
 SETTINGS = DemoSettings(preset="tl6", rank=8, steps=150, batch_size=8, lr=2e-3, max_seq_length=192,
                         tokens_to_generate=28)
-HF_ANSWERS = 16
-SHARED_CACHE = REPO_ROOT / ".cache" / "smollm2"  # the imported .nemo, shared with the real-model tests  # test prompts answered again by transformers + peft
+HF_ANSWERS = 16  # test prompts answered again by transformers + peft
+SHARED_CACHE = REPO_ROOT / ".cache" / "smollm2"  # the imported .nemo, shared with the real-model tests
 
 
 def _template_overrides(*splits: str) -> tuple[str, ...]:
@@ -54,7 +54,8 @@ def _export(adapter: Path, base: Path, work: Path) -> tuple[Path, Path]:
     print(f"\n== export to Hugging Face PEFT\n   {' '.join(command[1:4])} ...", flush=True)
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if result.returncode != 0:
-        raise RuntimeError(f"export failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"export failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n"
+                           f"{result.stderr[-2000:]}")
     _hf_tokenizer_files(base, base_out)
     return out, base_out
 

@@ -72,7 +72,8 @@ def test_layout_of_every_tensor():
                            torch.cat([tensors[f"{h}.mlp.gate_proj.weight"], tensors[f"{h}.mlp.up_proj.weight"]]))
         q, k, v = split_fused_qkv(state[f"{m}.self_attention.linear_qkv.weight"], num_attention_heads=4,
                                   num_query_groups=2, head_dim=HD)
-        assert torch.equal(q, tensors[f"{h}.self_attn.q_proj.weight"]) and torch.equal(v, tensors[f"{h}.self_attn.v_proj.weight"])
+        assert torch.equal(q, tensors[f"{h}.self_attn.q_proj.weight"])
+        assert torch.equal(v, tensors[f"{h}.self_attn.v_proj.weight"])
         assert torch.equal(k, tensors[f"{h}.self_attn.k_proj.weight"])
         for ours, theirs in (("input_layernorm", "input_layernorm"), ("pre_mlp_layernorm", "post_attention_layernorm"),
                              ("self_attention.linear_proj", "self_attn.o_proj"), ("mlp.linear_fc2", "mlp.down_proj")):
