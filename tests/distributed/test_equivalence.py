@@ -17,6 +17,14 @@ from tests.distributed.conftest import run_driver
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+# Adam turns a rounding-level difference of a near-zero gradient element (the TP-split run sums in another order)
+# into a whole lr-sized step: |m_hat / sqrt(v_hat)| is about 1 whatever |g|, and its sign follows g's. Every run
+# here therefore uses Adam with eps far above every |g| (1e4): the update lr * m_hat / (sqrt(v_hat) + eps) is then
+# lr / eps * m_hat, momentum SGD with step 0.3, linear in the gradients, so rounding-level gradient differences stay
+# rounding-level in the weights. (Adam's own states, the distributed optimizer's sharding and its fp32 main copies
+# are exercised all the same.)
+SGD_LIKE = ["--lr", "3e3", "--eps", "1e4"]
+
 RUNS = {
     "tp2": (2, ["--tp", "2"]),
     "pp2_even": (2, ["--pp", "2"]),
@@ -29,7 +37,7 @@ RUNS = {
     "pp2_distributed_optimizer": (2, ["--pp", "2", "--optim", "mcore_distributed_optim"]),
 }
 
-# Other presets at TP2 + SP (u/A trained before the parallel region, B/v after it; lora: untied per-layer A_l, B_l),
+# Other presets at TP2 + SP (A/u applied before the parallel region, B/v after it; lora: untied per-layer A_l, B_l),
 # each against its own TP1 run.
 PRESET_RUNS = {
     "tp2_sequence_parallel_tl2": ("tl2", 2, ["--tp", "2", "--sp"]),
@@ -37,16 +45,12 @@ PRESET_RUNS = {
 }
 
 # megatron_amp_O2: a bf16 model with float32 main parameters in megatron's distributed optimizer (the usual GPU
-# setting), against the same at TP1/PP1. bf16 forward passes round differently when the work is split, so gradients
-# differ at rounding level. Adam would turn a rounding-level sign flip of a near-zero gradient element into a whole
-# lr-sized step (|m_hat / sqrt(v_hat)| is about 1 whatever |g|), so these runs use Adam with eps far above every
-# |g| (1e4): the update lr * m_hat / (sqrt(v_hat) + eps) is then lr / eps * m_hat, momentum SGD with step 0.3,
-# linear in the gradients, and rounding-level gradient differences stay rounding-level in the weights.
+# setting), against the same at TP1/PP1. bf16 forward passes round differently when the work is split.
 # Tolerances: per-step losses 1e-3 relative (bf16 forward; observed 1e-4); adapter tensors, which are stored in
 # bf16 (8 significant bits), within 2 bf16 ulps: rtol 2^-6 plus an atol of 2^-6 of the tensor's largest magnitude
 # (observed: at most 1 ulp). A missing or doubled gradient sum is not a rounding difference: it halves or doubles a
 # whole update, and the replica check fails the run.
-O2 = ["--o2", "--optim", "mcore_distributed_optim", "--lr", "3e3", "--eps", "1e4"]
+O2 = ["--o2", "--optim", "mcore_distributed_optim"]
 O2_RUNS = {
     "o2_bf16_tp2": (2, ["--tp", "2", *O2]),
     "o2_bf16_pp2": (2, ["--pp", "2", *O2]),
@@ -56,13 +60,13 @@ BF16_ULPS = 2 * 2.0**-7
 
 @pytest.fixture(scope="module")
 def reference(dist_base):
-    return run_driver(dist_base, "tp1", 1)
+    return run_driver(dist_base, "tp1", 1, *SGD_LIKE)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_matches_tp1(name, dist_base, reference):
     nproc, args = RUNS[name]
-    run = run_driver(dist_base, name, nproc, *args)
+    run = run_driver(dist_base, name, nproc, *args, *SGD_LIKE)
     # NeMo logs grad_norm only on the plain-optimizer path
     assert_equivalent(run, reference, check_grad_norm="distributed_optimizer" not in name)
     assert {"A", "B", "layers.4.u", "layers.4.v"} <= set(run["state"])
@@ -71,8 +75,8 @@ def test_matches_tp1(name, dist_base, reference):
 @pytest.mark.parametrize("name", list(PRESET_RUNS))
 def test_other_presets_match_tp1(name, dist_base):
     preset, nproc, args = PRESET_RUNS[name]
-    reference = run_driver(dist_base, f"tp1_{preset}", 1, "--preset", preset)
-    run = run_driver(dist_base, name, nproc, "--preset", preset, *args)
+    reference = run_driver(dist_base, f"tp1_{preset}", 1, "--preset", preset, *SGD_LIKE)
+    run = run_driver(dist_base, name, nproc, "--preset", preset, *args, *SGD_LIKE)
     assert_equivalent(run, reference)
     if preset == "lora":  # untied: A_l and B_l per layer, no shared tensors
         assert {"layers.1.A", "layers.4.B"} <= set(run["state"]) and "A" not in run["state"]
@@ -80,9 +84,9 @@ def test_other_presets_match_tp1(name, dist_base):
 
 @pytest.mark.parametrize("name", list(O2_RUNS))
 def test_bf16_o2_matches_tp1(name, dist_base):
-    reference = run_driver(dist_base, "o2_bf16_tp1", 1, *O2)
+    reference = run_driver(dist_base, "o2_bf16_tp1", 1, *O2, *SGD_LIKE)
     nproc, args = O2_RUNS[name]
-    run = run_driver(dist_base, name, nproc, *args)
+    run = run_driver(dist_base, name, nproc, *args, *SGD_LIKE)
     assert all(tensor.dtype == torch.bfloat16 for tensor in run["state"].values())  # the model's dtype, as NeMo's
     assert_equivalent(run, reference, check_grad_norm=False, loss_rtol=1e-3, rtol=BF16_ULPS, atol_of_max=BF16_ULPS)
 
@@ -96,7 +100,7 @@ def test_without_the_gradient_sums_replicas_drift_and_the_check_fails(dist_base)
     result = torchrun(DRIVER, 2, ["--base", str(base), "--data", str(data), "--out", str(work / "no_sum.pt"),
                                   "--tp", "2", "--skip-grad-sum"], log)
     assert result.returncode != 0
-    assert "adapter replica drift" in log.read_text()
+    assert "Tied-LoRA replica drift" in log.read_text()
 
 
 def test_adapter_archive_loads_at_any_tp_pp(dist_base, reference):
