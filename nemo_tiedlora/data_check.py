@@ -78,7 +78,8 @@ def check_spec(spec: DataSpec) -> None:
             f"{spec.option('max_seq_length')}={spec.max_seq_length} leaves no room for the input next to "
             f"{spec.option('tokens_to_generate')}={spec.tokens_to_generate} (+{spec.specials} bos/sep/eos): NeMo would "
             f"truncate every input to nothing and log val_loss=nan; set {spec.option('max_seq_length')} above "
-            f"{spec.tokens_to_generate + spec.specials} plus the input length, or lower {spec.option('tokens_to_generate')}")
+            f"{spec.tokens_to_generate + spec.specials} plus the input length, or lower "
+            f"{spec.option('tokens_to_generate')}")
 
 
 def check_files(paths: Sequence[str | Path], spec: DataSpec, *, count_tokens: Optional[TokenCounter] = None
@@ -104,7 +105,8 @@ def check_file(path: Path, spec: DataSpec, *, count_tokens: Optional[TokenCounte
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as error:
-            problems.append(f"{path} line {number}: byte {error.start} is not UTF-8 ({line[error.start:error.start + 1]!r}): "
+            bad_byte = line[error.start:error.start + 1]
+            problems.append(f"{path} line {number}: byte {error.start} is not UTF-8 ({bad_byte!r}): "
                             "save the file as UTF-8")
             continue
         try:
@@ -140,9 +142,9 @@ def check_file(path: Path, spec: DataSpec, *, count_tokens: Optional[TokenCounte
     if over == examples:
         unit = "tokens" if count_tokens else "words (a lower bound on tokens)"
         raise TiedLoraDataError(
-            f"{path}: every example is longer than {spec.option('max_seq_length')}={spec.max_seq_length} ({shortest} to "
-            f"{longest} {unit}, the answer or tokens_to_generate={spec.tokens_to_generate} included): NeMo would "
-            f"truncate all of them; raise {spec.option('max_seq_length')} to at least {longest}")
+            f"{path}: every example is longer than {spec.option('max_seq_length')}={spec.max_seq_length} "
+            f"({shortest} to {longest} {unit}, the answer or tokens_to_generate={spec.tokens_to_generate} included): "
+            f"NeMo would truncate all of them; raise {spec.option('max_seq_length')} to at least {longest}")
     return FileReport(path=path, examples=examples, longest=longest, over_length=over)
 
 

@@ -131,8 +131,9 @@ def assert_resumed_equal(killed_dir: Path, reference_dir: Path) -> None:
     (adapter and optimizer state), and nothing partial is left in its checkpoints folder."""
     from nemo_tiedlora.checkpoint import load_archive
 
-    assert_same_tensors(load_archive(adapter_nemo(killed_dir)).tensors, load_archive(adapter_nemo(reference_dir)).tensors,
-                        "adapter .nemo")
+    assert_same_tensors(load_archive(adapter_nemo(killed_dir)).tensors,
+                        load_archive(adapter_nemo(reference_dir)).tensors, "adapter .nemo")
     assert_same_tensors(last_checkpoint_state(killed_dir), last_checkpoint_state(reference_dir), "-last checkpoint")
-    leftovers = [p.name for p in (killed_dir / "checkpoints").rglob("*") if p.name.endswith((".partial", "-unfinished"))]
+    leftovers = [p.name for p in (killed_dir / "checkpoints").rglob("*")
+                 if p.name.endswith((".partial", "-unfinished"))]
     assert not leftovers, f"partial files left: {leftovers}"

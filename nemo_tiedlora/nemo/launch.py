@@ -49,8 +49,8 @@ def relaunch_under_torchrun_if_needed(trainer_cfg: Any) -> None:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Around an entry script's work: our own errors (bad config, data, archive) end the script with their message
-    as the last line of the output and exit status 2, without Hydra's traceback (a gradient anomaly too); `HYDRA_FULL_ERROR=1` keeps the
-    traceback (the exception propagates to Hydra unchanged)."""
+    as the last line of the output and exit status 2, without Hydra's traceback (a gradient anomaly too);
+    `HYDRA_FULL_ERROR=1` keeps the traceback (the exception propagates to Hydra unchanged)."""
     from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError, TiedLoraGradientError
 
     try:

@@ -95,8 +95,8 @@ def check_archive(path: Path, *, what: str) -> list[tarfile.TarInfo]:
             members = tar.getmembers()
     except (tarfile.TarError, OSError, EOFError) as error:
         raise TiedLoraCheckpointError(
-            f"{what}={path} is not a readable .nemo archive ({tar_error_text(error)}): the file is truncated or corrupt; "
-            "copy it again or re-export it") from error
+            f"{what}={path} is not a readable .nemo archive ({tar_error_text(error)}): the file is truncated or "
+            "corrupt; copy it again or re-export it") from error
     short = [m.name for m in members if m.isfile() and m.offset_data + m.size > size]
     if not members or short:
         raise TiedLoraCheckpointError(

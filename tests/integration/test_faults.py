@@ -55,7 +55,8 @@ def test_bf16_o2_distributed_optimizer_resumes_bitwise(tiny, tmp_path):
     reference = run(finetune_args(base, data, tmp_path / "reference", steps=4, extra=extra), tmp_path / "ref.log")
     assert reference.code == 0, reference.output[-3000:]
     killed = tmp_path / "killed"
-    attempt = run(finetune_args(base, data, killed, steps=4, extra=extra), tmp_path / "k.log", fault="kill-after-step:3")
+    attempt = run(finetune_args(base, data, killed, steps=4, extra=extra), tmp_path / "k.log",
+                  fault="kill-after-step:3")
     assert attempt.code == KILLED, attempt.output[-3000:]
     final = run(finetune_args(base, data, killed, steps=4, extra=extra), tmp_path / "final.log")
     assert final.code == 0, final.output[-3000:]

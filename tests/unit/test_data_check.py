@@ -25,7 +25,8 @@ def _write(path, lines: list[bytes | str | dict]):
 
 # (name, file lines, spec overrides, what the message must name)
 CASES = [
-    ("malformed", [GOOD[0], '{"input": "a", "output": '], {}, ["line 2", "not valid JSON", "JSON object with the keys"]),
+    ("malformed", [GOOD[0], '{"input": "a", "output": '], {},
+     ["line 2", "not valid JSON", "JSON object with the keys"]),
     ("no_output_key", [GOOD[0], {"input": "a", "answer": "b"}], {}, ["line 2", "field 'output' missing",
                                                                       "label_key"]),
     ("no_input_key", [{"question": "a", "output": "b"}], {}, ["line 1", "field 'input' missing", "prompt_template"]),
@@ -33,7 +34,8 @@ CASES = [
     ("not_string", [{"input": "a", "output": 3}], {}, ["line 1", "field 'output' is a int"]),
     ("empty", [], {}, ["no examples", "empty"]),
     ("blank", ["", "   "], {}, ["no examples"]),
-    ("non_utf8", [GOOD[0], b'{"input": "caf\xe9", "output": "x"}'], {}, ["line 2", "not UTF-8", "save the file as UTF-8"]),
+    ("non_utf8", [GOOD[0], b'{"input": "caf\xe9", "output": "x"}'], {},
+     ["line 2", "not UTF-8", "save the file as UTF-8"]),
     ("all_too_long", GOOD, {"max_seq_length": 3}, ["every example is longer than", "max_seq_length=3",
                                                    "raise model.data.train_ds.max_seq_length to at least"]),
 ]

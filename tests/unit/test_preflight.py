@@ -22,7 +22,8 @@ def test_archive_missing_garbage_truncated_and_whole(tmp_path):
         check_archive(tmp_path / "nope.nemo", what="x")
     garbage = tmp_path / "g.nemo"
     garbage.write_bytes(bytes(range(256)) * 16)
-    with pytest.raises(TiedLoraCheckpointError, match=r"g\.nemo is not a readable \.nemo archive \(not a tar archive\)"):
+    with pytest.raises(TiedLoraCheckpointError,
+                       match=r"g\.nemo is not a readable \.nemo archive \(not a tar archive\)"):
         check_archive(garbage, what="x")
     for cut in (end // 4, end - 10):
         partial = tmp_path / f"cut{cut}.nemo"
