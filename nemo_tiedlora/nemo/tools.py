@@ -53,6 +53,7 @@ def _restore_base(base: Path, *, tensor_model_parallel_size: int = 1, pipeline_m
         cfg.pipeline_model_parallel_size = pipeline_model_parallel_size
         cfg.use_cpu_initialization = True
         cfg.precision = 32
+        cfg.update(_batch_sizes_in_force() or {})  # a second model in this process: megatron's calculator is set
     return MegatronGPTModel.restore_from(str(base), override_config_path=cfg, trainer=_cpu_trainer())
 
 
