@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from nemo_tiedlora.demo import extraction, smollm2
-from nemo_tiedlora.demo.run import REPO_ROOT, DemoSettings, evaluate, finetune
+from nemo_tiedlora.demo.run import DemoSettings, evaluate, finetune
 
 # SmolLM2's own chat format (its GGUF chat template with the default system turn) as NeMo's SFT prompt template.
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -28,7 +28,7 @@ PROMPT_TEMPLATE = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{
 SETTINGS = DemoSettings(preset="tl6", rank=8, steps=150, batch_size=8, lr=2e-3, max_seq_length=192,
                         tokens_to_generate=28)
 HF_ANSWERS = 16  # test prompts answered again by transformers + peft
-SHARED_CACHE = REPO_ROOT / ".cache" / "smollm2"  # the imported .nemo, shared with the real-model tests
+SHARED_CACHE = smollm2.SHARED_CACHE  # the imported .nemo, shared with the study and the real-model tests
 
 
 def _template_overrides(*splits: str) -> tuple[str, ...]:

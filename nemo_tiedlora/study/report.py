@@ -6,6 +6,9 @@ objects) with at least the columns of :data:`REQUIRED_COLUMNS` and writes into `
 * ``table.md``: per task, one row per preset (LoRA first) and one column per rank; a cell is the preset's best
   metric over learning rates at that rank and its trainable parameters as % of the best LoRA run
   (``88.10 (12.5%)``); the best cell of each rank is bold. A second table gives the learning rate of each cell.
+  When the sweep reran the best learning rate of a (preset, rank) with more seeds (rows with ``seed_rerun`` true),
+  the learning rate is still chosen on the grid's seed alone, and the cell is the mean over the seeds at that rate
+  (a third table lists each seed's metric).
 * ``metric_vs_rank.png``: the metric against the rank (log2 axis), one line per preset, one panel per task.
 * ``metric_vs_params.png``: the metric against trainable parameters (log axis), one marker series per preset.
 
@@ -73,6 +76,9 @@ class Run:
     status: str
     percent_of_best_lora: float | None = None
     metric_name: str = ""
+    seed: int | None = None
+    seed_rerun: bool = False
+    seed_metrics: tuple[tuple[int | None, float], ...] = ()  # (seed, metric) of every seed a cell averages
 
     @property
     def ok(self) -> bool:
@@ -159,6 +165,8 @@ def _run(row: Mapping[str, Any]) -> tuple[Run, list[str]]:
         status=str(row.get("status") or "").strip(),
         percent_of_best_lora=percent if math.isfinite(percent) else None,
         metric_name=str(row.get("metric_name") or "").strip(),
+        seed=int(_number(row.get("seed"))) if math.isfinite(_number(row.get("seed"))) else None,
+        seed_rerun=str(row.get("seed_rerun", "")).strip().lower() in ("true", "1", "yes"),
     )
     if not run.ok:
         return run, []
@@ -216,8 +224,20 @@ def add_percent_of_best_lora(runs: Sequence[Run]) -> list[Run]:
 
 
 def best_runs(runs: Iterable[Run]) -> dict[Key, Run]:
-    """(task, preset, rank) -> the finished run with the best metric over learning rates (first one on ties)."""
-    return _best_by(runs, lambda run: (run.task, run.preset, run.rank))
+    """(task, preset, rank) -> the finished run with the best metric over learning rates (first one on ties).
+
+    The rate is chosen among the grid's runs (not ``seed_rerun``); when reruns of that rate with other seeds
+    finished, the returned run's ``metric`` is the mean over all its seeds and ``seed_metrics`` lists them.
+    """
+    runs = list(runs)
+    best = _best_by((run for run in runs if not run.seed_rerun), lambda run: (run.task, run.preset, run.rank))
+    for key, run in best.items():
+        same = [r for r in runs if r.ok and (r.task, r.preset, r.rank) == key and r.lr == run.lr
+                and (r is run or r.seed_rerun)]
+        if len(same) > 1:
+            best[key] = replace(run, metric=sum(r.metric for r in same) / len(same),
+                                seed_metrics=tuple((r.seed, r.metric) for r in same))
+    return best
 
 
 def _preset_order(presets: Iterable[str]) -> list[str]:
@@ -265,7 +285,7 @@ def format_table(best: Mapping[Key, Run], *, excluded: Sequence[Run] = (), metri
     """The markdown report: per task a metric table (metric and parameter %) and a learning-rate table."""
     lines = ["# Tied-LoRA study", ""]
     lines.append("Cells: best metric over learning rates (trainable parameters as % of the task's best LoRA run);")
-    lines.append("the best cell of each rank is bold.")
+    lines.append("the best cell of each rank is bold; a rate rerun with more seeds shows the mean over its seeds.")
     for task, presets in _by_task(best).items():
         ranks = sorted({rank for runs in presets.values() for rank in runs})
         direction = "higher" if _higher_is_better(task) else "lower"
@@ -288,6 +308,13 @@ def format_table(best: Mapping[Key, Run], *, excluded: Sequence[Run] = (), metri
         for preset, runs in presets.items():
             cells = [_lr(runs[rank].lr) if rank in runs else "–" for rank in ranks]
             lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+        seeded = [(preset, rank, runs[rank]) for preset, runs in presets.items() for rank in ranks
+                  if rank in runs and runs[rank].seed_metrics]
+        if seeded:
+            lines += ["", "Seeds averaged in a cell (the rate chosen on the first seed):", ""]
+            lines += [f"- {preset} r={rank} lr={_lr(run.lr)}: " + ", ".join(
+                f"seed {seed}: {metric:.2f}" for seed, metric in run.seed_metrics) + f" (mean {run.metric:.2f})"
+                for preset, rank, run in seeded]
     if excluded:
         lines += ["", f"## Runs left out ({len(excluded)}, status not in {', '.join(sorted(OK_STATUSES))})", ""]
         lines += [f"- {r.task} {r.preset} r={r.rank} lr={_lr(r.lr)}: {r.status or '(no status)'}" for r in excluded]

@@ -56,6 +56,7 @@ from nemo_tiedlora.study.sweep_results import (
     COLUMNS,
     RunSpec,
     add_percent_of_best_lora,
+    best_lr_reruns,
     expand_grid,
     format_summary,
     read_previous,
@@ -126,44 +127,63 @@ def run_sweep(
 
     ctx = context if context is not None else prepare_context(cfg, verbose=verbose)
     grid = expand_grid(cfg)
+    reruns = len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds)  # known once the grid has run
     previous = read_previous(ctx.out)
     done = reusable_rows(previous, grid, ctx.fingerprint)
-    dropped = len(previous) - len(done)
-    if done:
-        print(f"resuming: {len(done)} of {len(grid)} run(s) already ok in {ctx.out / 'results.json'}", flush=True)
-    if dropped:
-        print(f"{dropped} earlier row(s) (failed, or another grid/budget) will be replaced", flush=True)
     rows: dict[tuple, dict[str, Any]] = dict(done)
+    if done:
+        print(f"resuming: {len(done)} of {len(grid)} grid run(s) already ok in {ctx.out / 'results.json'}",
+              flush=True)
+    reruns_done = [row for row in previous if row.get("seed_rerun") in (True, "true") and row.get("status") == _OK
+                   and row.get("fingerprint") == ctx.fingerprint]
+    dropped = len(previous) - len(done) - len(reruns_done)
+    if dropped > 0:
+        print(f"{dropped} earlier row(s) (failed, or another grid/budget) will be replaced", flush=True)
+
+    def ordered() -> list[dict[str, Any]]:
+        return [rows[spec.key] for spec in grid + best_lr_reruns(cfg, list(rows.values())) if spec.key in rows]
 
     def save() -> None:
-        ordered = [rows[spec.key] for spec in grid if spec.key in rows]
-        write_results(ctx.out, add_percent_of_best_lora(ordered))
+        write_results(ctx.out, add_percent_of_best_lora(ordered()))
 
     todo = [spec for spec in grid if spec.key not in done]
-    progress = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=f"sweep {cfg.task}", unit="run",
+    progress = tqdm(total=len(grid) + reruns, initial=len(grid) - len(todo), desc=f"sweep {cfg.task}", unit="run",
                     file=sys.stderr, dynamic_ncols=True)
     try:
-        for spec in todo:
-            progress.set_postfix_str(spec.name)
-            started = time.time()
-            row = _base_row(spec, ctx)
-            try:
-                row.update(runner(spec, ctx))
-                row["status"] = _OK
-            except Exception as error:  # a failed run is recorded and the sweep goes on
-                row.update(getattr(error, "record", {}))
-                row["status"] = _failure(error)
-            row["seconds"] = round(time.time() - started, 1)
-            rows[spec.key] = row
-            save()
-            progress.update(1)
+        _run_all(todo, runner, ctx, rows, progress, save)
+        if cfg.rerun_best_seeds:  # the best lr of each (preset, rank), chosen on the grid's seed, with more seeds
+            extra = best_lr_reruns(cfg, [rows[spec.key] for spec in grid if spec.key in rows])
+            kept = reusable_rows(previous, extra, ctx.fingerprint)
+            rows.update(kept)
+            progress.total = len(grid) + len(extra)
+            progress.update(len(kept))
+            _run_all([spec for spec in extra if spec.key not in kept], runner, ctx, rows, progress, save)
     finally:
         progress.close()
     save()
-    final = add_percent_of_best_lora([rows[spec.key] for spec in grid if spec.key in rows])
+    final = add_percent_of_best_lora(ordered())
     print(format_summary(final), flush=True)
     print(f"results: {ctx.out / 'results.csv'} and {ctx.out / 'results.json'}", flush=True)
     return final
+
+
+def _run_all(specs: list[RunSpec], runner: Runner, ctx: SweepContext, rows: dict[tuple, dict[str, Any]],
+             progress: Any, save: Any) -> None:
+    """Run ``specs`` one after the other, recording each row (ok or ``failed: <reason>``) and saving after each."""
+    for spec in specs:
+        progress.set_postfix_str(spec.name)
+        started = time.time()
+        row = _base_row(spec, ctx)
+        try:
+            row.update(runner(spec, ctx))
+            row["status"] = _OK
+        except Exception as error:  # a failed run is recorded and the sweep goes on
+            row.update(getattr(error, "record", {}))
+            row["status"] = _failure(error)
+        row["seconds"] = round(time.time() - started, 1)
+        rows[spec.key] = row
+        save()
+        progress.update(1)
 
 
 def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -189,6 +209,9 @@ def _run_sweep_command(args: argparse.Namespace) -> int:
         print(f"{len(grid)} run(s) of {cfg.task} into {cfg.output}:")
         for spec in grid:
             print(f"  {spec.name}")
+        if cfg.rerun_best_seeds:
+            print(f"then the best lr of each (preset, rank) again with seed(s) "
+                  f"{', '.join(map(str, cfg.rerun_best_seeds))}: {len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds)} run(s)")
         return 0
     try:
         rows = run_sweep(cfg, verbose=args.verbose)

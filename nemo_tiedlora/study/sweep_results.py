@@ -23,6 +23,8 @@ COLUMNS: tuple[str, ...] = (
     "preset",
     "rank",
     "lr",
+    "seed",
+    "seed_rerun",
     "metric",
     "metric_name",
     "trainable_params",
@@ -50,26 +52,50 @@ _OK = "ok"
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the grid."""
+    """One run: a grid run (``seed`` None: the config's ``training.seed``) or a rerun of a best lr with ``seed``."""
 
     task: str
     preset: str
     rank: int
     lr: float
+    seed: int | None = None
 
     @property
-    def key(self) -> tuple[str, str, int, float]:
-        return (self.task, self.preset, self.rank, self.lr)
+    def key(self) -> tuple[str, str, int, float, int | None]:
+        return (self.task, self.preset, self.rank, self.lr, self.seed)
 
     @property
     def name(self) -> str:
-        """Folder and log name: ``squad_tl6_r8_lr0.001``."""
-        return f"{self.task}_{self.preset}_r{self.rank}_lr{self.lr:g}"
+        """Folder and log name: ``squad_tl6_r8_lr0.001`` (a rerun: ``squad_tl6_r8_lr0.001_seed4321``)."""
+        name = f"{self.task}_{self.preset}_r{self.rank}_lr{self.lr:g}"
+        return name if self.seed is None else f"{name}_seed{self.seed}"
 
 
 def expand_grid(cfg: SweepConfig) -> list[RunSpec]:
     """presets x ranks x lrs, preset-major in config order (LoRA runs come where the config lists them)."""
     return [RunSpec(cfg.task, preset, rank, lr) for preset in cfg.presets for rank in cfg.ranks for lr in cfg.lrs]
+
+
+def best_lr_reruns(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
+    """The reruns of ``cfg.rerun_best_seeds``: for each (preset, rank) the grid run (training seed) with the best
+    metric (ties: the lower best validation loss, then the first lr) run again with every extra seed. A (preset,
+    rank) without an ok grid run gets no rerun."""
+    from nemo_tiedlora.study.tasks import TASKS
+
+    sign = 1.0 if TASKS[cfg.task].higher_is_better else -1.0
+    grid = {spec.key: spec for spec in expand_grid(cfg)}
+    best: dict[tuple[str, int], tuple[tuple[float, float, int], RunSpec]] = {}
+    for order, row in enumerate(rows):
+        spec = grid.get(_row_key(row))
+        if spec is None or not _is_ok(row):
+            continue
+        loss = _finite(row.get("best_val_loss"))
+        score = (sign * float(row["metric"]), -(loss if loss is not None else math.inf), -order)
+        if (spec.preset, spec.rank) not in best or score > best[(spec.preset, spec.rank)][0]:
+            best[(spec.preset, spec.rank)] = (score, spec)
+    return [RunSpec(cfg.task, preset, rank, best[(preset, rank)][1].lr, seed)
+            for preset in cfg.presets for rank in cfg.ranks if (preset, rank) in best
+            for seed in cfg.rerun_best_seeds]
 
 
 def trainable_params(shape: Mapping[str, int], preset: str, rank: int) -> int:
@@ -191,13 +217,15 @@ def fingerprint(cfg: SweepConfig, *, base: Path | str, data: Path | str) -> str:
         "early_stopping": asdict(cfg.early_stopping),
         "generation": asdict(cfg.generation),
         "overrides": list(cfg.overrides),
+        "prompt_template": cfg.prompt_template,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _row_key(row: Mapping[str, Any]) -> tuple[str, str, int, float] | None:
+def _row_key(row: Mapping[str, Any]) -> tuple[str, str, int, float, int | None] | None:
     try:
-        return (str(row["task"]), str(row["preset"]), int(row["rank"]), float(row["lr"]))
+        seed = int(row["seed"]) if row.get("seed_rerun") in (True, "true") else None
+        return (str(row["task"]), str(row["preset"]), int(row["rank"]), float(row["lr"]), seed)
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -215,13 +243,13 @@ def reusable_rows(previous: Iterable[Mapping[str, Any]], grid: Sequence[RunSpec]
 
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
     """A plain-text table of the rows: preset, rank, lr, metric, params, % of best LoRA, steps, status."""
-    header = ["task", "preset", "rank", "lr", "metric", "params", "% best lora", "steps", "early stop", "status"]
+    header = ["task", "preset", "rank", "lr", "seed", "metric", "params", "% best lora", "steps", "early stop", "status"]
     lines = []
     for row in rows:
         metric, percent = _finite(row.get("metric")), _finite(row.get("percent_of_best_lora"))
         steps = row.get("steps_run")
         lines.append([
-            str(row["task"]), str(row["preset"]), str(row["rank"]), f"{float(row['lr']):g}",
+            str(row["task"]), str(row["preset"]), str(row["rank"]), f"{float(row['lr']):g}", str(row.get("seed", "")),
             "" if metric is None else f"{metric:.2f}",
             f"{int(row['trainable_params']):,}" if row.get("trainable_params") is not None else "",
             "" if percent is None else f"{percent:.1f}",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_tiedlora.study.child import PID_FILE, claim_run_folder, run_logged
-from nemo_tiedlora.study.sweep_config import EMBEDDED, SAMPLE, SweepConfig
+from nemo_tiedlora.study.sweep_config import EMBEDDED, SAMPLE, SMOLLM2, SweepConfig
 from nemo_tiedlora.study.sweep_results import RunSpec, base_shape, fingerprint, trainable_params
 
 _EMBEDDED_WORK = Path(".cache/demo")  # shared with `python -m nemo_tiedlora demo`: the base is built once
@@ -70,7 +70,15 @@ def prepare_context(cfg: SweepConfig, *, verbose: bool = False) -> SweepContext:
 
     out = cfg.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = _embedded_base(verbose) if cfg.base == EMBEDDED else Path(cfg.base).expanduser().resolve()
+    if cfg.base == EMBEDDED:
+        base = _embedded_base(verbose)
+    elif cfg.base == SMOLLM2:
+        from nemo_tiedlora.demo import smollm2
+
+        print(f"base model: SmolLM2-135M-Instruct -> import-hf (cached in {smollm2.SHARED_CACHE})", flush=True)
+        base = smollm2.imported_base(smollm2.SHARED_CACHE)
+    else:
+        base = Path(cfg.base).expanduser().resolve()
     shape = base_shape(base)
     for preset in cfg.presets:  # a rank the model cannot take fails now, not after the first runs
         for rank in cfg.ranks:
@@ -104,7 +112,7 @@ def finetune_args(spec: RunSpec, ctx: SweepContext, *, exp_dir: Path) -> list[st
         f"trainer.limit_val_batches={t.limit_val_batches!r}",  # an int is a number of batches, a float a fraction
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=False",
-        f"model.seed={t.seed}",
+        f"model.seed={t.seed if spec.seed is None else spec.seed}",
         f"model.global_batch_size={t.global_batch_size}",
         f"model.micro_batch_size={t.micro_batch_size}",
         f"model.optim.lr={spec.lr!r}",
@@ -125,9 +133,16 @@ def finetune_args(spec: RunSpec, ctx: SweepContext, *, exp_dir: Path) -> list[st
         f"model.data.validation_ds.max_seq_length={t.max_seq_length}",
         "model.data.train_ds.memmap_workers=1",
         "model.data.train_ds.num_workers=0",
+        *template_overrides(ctx, "train_ds", "validation_ds"),
         *ctx.cfg.overrides,
     ]
     return args
+
+
+def template_overrides(ctx: SweepContext, *splits: str) -> list[str]:
+    """``model.data.<split>.prompt_template='...'`` for the study's prompt template (none without one)."""
+    template = ctx.cfg.prompt_template
+    return [] if template is None else [f"model.data.{split}.prompt_template='{template}'" for split in splits]
 
 
 def generate_args(ctx: SweepContext, *, adapter: Path, prefix: Path) -> list[str]:
@@ -151,6 +166,7 @@ def generate_args(ctx: SweepContext, *, adapter: Path, prefix: Path) -> list[str
         f"model.data.test_ds.max_seq_length={length}",
         "model.data.test_ds.write_predictions_to_file=True",
         f"model.data.test_ds.output_file_path_prefix={prefix}",
+        *template_overrides(ctx, "test_ds"),
     ]
 
 
@@ -329,6 +345,8 @@ def _base_row(spec: RunSpec, ctx: SweepContext) -> dict[str, Any]:
         "preset": spec.preset,
         "rank": spec.rank,
         "lr": spec.lr,
+        "seed": ctx.cfg.training.seed if spec.seed is None else spec.seed,
+        "seed_rerun": spec.seed is not None,
         "metric": None,
         "metric_name": TASKS[spec.task].metric_name,
         "trainable_params": trainable_params(ctx.shape, spec.preset, spec.rank),

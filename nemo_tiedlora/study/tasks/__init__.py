@@ -1,15 +1,16 @@
 """The paper's five task types as adapters over the public datasets' own file formats.
 
-=============  ======================  ============  ===========================================================
-name           dataset                 metric        files read (in the dataset's folder)
-=============  ======================  ============  ===========================================================
-``squad``      SQuAD v1.1              exact match   ``train-v1.1.json``, ``dev-v1.1.json`` (test)
-``dialogsum``  DialogSum               ROUGE-L       ``dialogsum.{train,dev,test}.jsonl``
-``hellaswag``  HellaSwag               accuracy      ``hellaswag_train.jsonl``, ``hellaswag_val.jsonl`` (test)
-``iwslt2017``  IWSLT 2017 de-en        BLEU          ``train.tags.de-en.{de,en}``, ``IWSLT17.TED.{dev,tst}2010...xml``
-``gsm8k``      GSM8K                   accuracy      ``train.jsonl``, ``test.jsonl``
-``homes``      the embedded demo task  exact match   ``{train,validation,test}.jsonl`` (the embedded default)
-=============  ======================  ============  ===========================================================
+==============  ======================  ============  ===========================================================
+name            dataset                 metric        files read (in the dataset's folder)
+==============  ======================  ============  ===========================================================
+``squad``       SQuAD v1.1              exact match   ``train-v1.1.json``, ``dev-v1.1.json`` (test)
+``dialogsum``   DialogSum               ROUGE-L       ``dialogsum.{train,dev,test}.jsonl``
+``hellaswag``   HellaSwag               accuracy      ``hellaswag_train.jsonl``, ``hellaswag_val.jsonl`` (test)
+``iwslt2017``   IWSLT 2017 de-en        BLEU          ``train.tags.de-en.{de,en}``, ``IWSLT17.TED.{dev,tst}2010...xml``
+``gsm8k``       GSM8K                   accuracy      ``train.jsonl``, ``test.jsonl``
+``homes``       the embedded demo task  exact match   ``{train,validation,test}.jsonl`` (the embedded default)
+``extraction``  real-model demo task    exact match   ``{train,validation,test}.jsonl`` (``demo --base smollm2``'s task)
+==============  ======================  ============  ===========================================================
 
 Usage::
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from nemo_tiedlora.study.tasks.base import SPLITS, Example, TaskAdapter, TaskError, hold_out, write_jsonl
 from nemo_tiedlora.study.tasks.dialogsum import DialogSumTask
+from nemo_tiedlora.study.tasks.extraction import ExtractionTask
 from nemo_tiedlora.study.tasks.gsm8k import Gsm8kTask
 from nemo_tiedlora.study.tasks.hellaswag import HellaSwagTask, Scorer
 from nemo_tiedlora.study.tasks.homes import HomesTask
@@ -39,9 +41,11 @@ from nemo_tiedlora.study.tasks.squad import SquadTask
 __all__ = ["SPLITS", "TASKS", "Example", "Scorer", "TaskAdapter", "TaskError", "get_task", "prepare"]
 
 TASKS: dict[str, TaskAdapter] = {
-    task.name: task for task in (SquadTask(), DialogSumTask(), HellaSwagTask(), IwsltTask(), Gsm8kTask(), HomesTask())
+    task.name: task
+    for task in (SquadTask(), DialogSumTask(), HellaSwagTask(), IwsltTask(), Gsm8kTask(), HomesTask(), ExtractionTask())
 }
-"""Task name -> adapter: the paper's five in its order, then the embedded default (homes)."""
+"""Task name -> adapter: the paper's five in its order, then the embedded default (homes) and the real-model
+demo's task (extraction)."""
 
 _MAX_VALIDATION = 500
 _VALIDATION_FRACTION = 0.05

@@ -20,6 +20,7 @@ from nemo_tiedlora.fileio import atomic_write_bytes
 __all__ = [
     "SPLITS",
     "Example",
+    "InputOutputTask",
     "TaskAdapter",
     "TaskError",
     "atomic_write_bytes",
@@ -273,3 +274,22 @@ def hold_out(examples: Sequence[Example], *, size: int, seed: int) -> tuple[list
     kept = [example for example in examples if (example.group or example.id) not in chosen]
     out = [example for example in examples if (example.group or example.id) in chosen]
     return kept, out
+
+
+class InputOutputTask(TaskAdapter):
+    """A task whose files are NeMo SFT JSONL already (``{"input": ..., "output": ...}`` per line, three splits):
+    the package's own generated tasks. Subclasses set the names and implement :meth:`score` and
+    :meth:`write_sample`."""
+
+    template = "{input}"
+    split_files = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+    record_format = '{"input": str, "output": str}'
+
+    def read(self, file: Path) -> list[Example]:
+        examples = []
+        for index, (where, record) in enumerate(iter_jsonl(file)):
+            text = require(record, "input", str, where=where, adapter=self)
+            answer = require(record, "output", str, where=where, adapter=self)
+            examples.append(Example(id=f"{file.stem}-{index}", fields={"input": text}, target=answer,
+                                    references=(answer,)))
+        return examples

@@ -12,29 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from nemo_tiedlora.study.tasks.base import Example, TaskAdapter, iter_jsonl, require
+from nemo_tiedlora.study.tasks.base import Example, InputOutputTask
 
 __all__ = ["HomesTask"]
 
 
-class HomesTask(TaskAdapter):
+class HomesTask(InputOutputTask):
     """The demo task as a study task: ``{input}`` -> the queried animal's home (one word)."""
 
     name = "homes"
     dataset = "the embedded demo task (nemo_tiedlora.demo.data)"
     metric_name = "exact match"
-    template = "{input}"
-    split_files = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
-    record_format = '{"input": str, "output": str}'
-
-    def read(self, file: Path) -> list[Example]:
-        examples = []
-        for index, (where, record) in enumerate(iter_jsonl(file)):
-            text = require(record, "input", str, where=where, adapter=self)
-            answer = require(record, "output", str, where=where, adapter=self)
-            examples.append(Example(id=f"{file.stem}-{index}", fields={"input": text}, target=answer,
-                                    references=(answer,)))
-        return examples
 
     def score(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
         """``metric``/``exact_match`` (0-100): the first predicted word is the home."""
