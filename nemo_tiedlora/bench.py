@@ -93,7 +93,7 @@ def _measure(config: str, *, base: Path, data: Path, rank: int, steps: int, batc
         sum(p.numel() * p.element_size() for p in stored) + sum(p.numel() * p.element_size() for p in params)
         + result["optimizer_state_bytes"])
     if config != "base":
-        from nemo_tiedlora.export import per_layer_lora
+        from nemo_tiedlora.merge import per_layer_lora
         from nemo_tiedlora.nemo.adapter_io import save_adapter
         from nemo_tiedlora.nemo.state import gather_adapter_state
 

@@ -3,23 +3,21 @@
 A Tied-LoRA adapter `.nemo` is a tar archive holding
 - `tiedlora.json`: format version, scheme, the resolved config (flags, rank, alpha, inits, seeds), the base model's
   shape fingerprint and the tensor index (name, shape, dtype) of the payload;
-- `adapter.safetensors`: A and B once (tied) and u_l, v_l (and untied A_l, B_l) by 1-based *global* layer:
-  keys `A`, `B`, `layers.<n>.<factor>`; frozen random factors are stored too (no regeneration needed);
+- `adapter.safetensors`: A and B once (tied) and u_l, v_l (and untied A_l, B_l) by 1-based *global* layer, keyed
+  as `nemo_tiedlora.merge` defines (the one owner of the key format); frozen random factors are stored too;
 - `model_config.yaml`: the NeMo model config of the run (with its `peft` section), for NeMo tools.
 
 No tokenizer, no optimizer state: the file is the raw tensor bytes plus a few KB. Writes go to a temporary file in
-the target folder and are renamed at the end, so a failed or killed save never leaves a half-written archive.
-This module is pure python + torch (+ safetensors); the NeMo glue is in `nemo_tiedlora.nemo.adapter_io`.
+the target folder and are renamed at the end (`fileio.atomic_output`), so a failed or killed save never leaves a
+half-written archive. Core layer: pure python + torch (+ safetensors); the NeMo glue is in
+`nemo_tiedlora.nemo.adapter_io`.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
-import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -28,13 +26,15 @@ import torch
 
 from nemo_tiedlora.config import TiedLoraConfig
 from nemo_tiedlora.errors import TiedLoraCheckpointError
+from nemo_tiedlora.fileio import atomic_output, check_output, remove_stale_partials
+from nemo_tiedlora.merge import expected_keys, factor_of
+from nemo_tiedlora.shape import SHAPE_KEYS
 
 FORMAT = "nemo_tiedlora.adapter"
 VERSION = 1
 META_NAME = "tiedlora.json"
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "model_config.yaml"
-SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "kv_channels", "out_features")
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,10 @@ class AdapterArchive:
     meta: dict[str, Any]
 
 
-def expected_keys(config: TiedLoraConfig, num_layers: int) -> list[str]:
-    """Every logical key an adapter of this config stores for a model of `num_layers` layers."""
-    layers = config.layer_selection or tuple(range(1, num_layers + 1))
-    keys = ["A", "B"] if config.flags.tied else []
-    for number in layers:
-        keys += [f"layers.{number}.A", f"layers.{number}.B"] if not config.flags.tied else []
-        keys += [f"layers.{number}.u", f"layers.{number}.v"]
-    return keys
-
-
 def expected_shapes(config: TiedLoraConfig, shape: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     r, d, out = config.rank, shape["hidden_size"], shape["out_features"]
     by_factor = {"A": (r, d), "B": (out, r), "u": (r,), "v": (out,)}
-    return {key: by_factor[key.rsplit(".", 1)[-1]] for key in expected_keys(config, shape["num_layers"])}
+    return {key: by_factor[factor_of(key)] for key in expected_keys(config, shape["num_layers"])}
 
 
 def validate_state(tensors: Mapping[str, torch.Tensor], config: TiedLoraConfig, shape: Mapping[str, int]) -> None:
@@ -127,10 +117,7 @@ def save_archive(
     """Write the archive atomically (temporary file in the same folder, then rename)."""
     from safetensors.torch import save as safetensors_save
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise TiedLoraCheckpointError(f"{path} exists: choose another output path or replace it with --overwrite "
-                                      "(overwrite=True from Python)")
+    path = check_output(path, overwrite=overwrite)
     validate_state(tensors, config, shape)
     check_finite(tensors, f"refusing to write {path}")
     payload = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in sorted(tensors.items())})
@@ -146,21 +133,12 @@ def save_archive(
     members = [(META_NAME, json.dumps(meta, indent=2).encode()), (WEIGHTS_NAME, payload)]
     if model_config_yaml is not None:
         members.append((CONFIG_NAME, model_config_yaml.encode()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):  # left by a killed save of this file
-        stale.unlink(missing_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        os.chmod(partial, 0o644)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    remove_stale_partials(path)  # left by a killed save of this file
+    with atomic_output(path) as partial, tarfile.open(partial, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return path
 
 

@@ -154,7 +154,7 @@ def _add_import_hf(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_import_hf(args: argparse.Namespace) -> int:
-    from nemo_tiedlora.nemo.hf_import import import_hf
+    from nemo_tiedlora.tools.import_hf import import_hf
 
     out = import_hf(args.source, args.out, tp=args.tp, pp=args.pp, fmt=args.fmt, dtype=args.dtype,
                     overwrite=args.overwrite)
@@ -173,7 +173,7 @@ def _add_layout_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from nemo_tiedlora.nemo.tools import merge
+    from nemo_tiedlora.tools.merge import merge
 
     out = merge(base=args.base, adapter=args.adapter, out=args.out, tp=args.tp, pp=args.pp, fmt=args.fmt,
                 first_stage_layers=args.first_stage_layers, vocab_size=args.vocab_size, overwrite=args.overwrite)
@@ -182,7 +182,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from nemo_tiedlora.convert import convert
+    from nemo_tiedlora.tools.convert import convert
     from nemo_tiedlora.nemo import setup
 
     setup()
@@ -193,7 +193,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from nemo_tiedlora.nemo.tools import export_hf_peft, export_nemo_lora
+    from nemo_tiedlora.tools.export import export_hf_peft, export_nemo_lora
 
     if args.format == "nemo-lora":
         if args.base_out:
@@ -210,7 +210,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from nemo_tiedlora.nemo.tools import format_inspect, inspect_adapter
+    from nemo_tiedlora.tools.inspect import format_inspect, inspect_adapter
 
     report = inspect_adapter(args.adapter)
     print(json.dumps(report, indent=2) if args.json else format_inspect(report))

@@ -1,8 +1,11 @@
 """Export to Hugging Face: a Tied-LoRA adapter as plain per-layer LoRA (PEFT format), the base as LlamaForCausalLM.
 
-Pure state-dict transforms plus atomic file writers; no NeMo or Megatron import (scripts do the I/O around them).
+Core layer: pure state-dict transforms plus atomic file writers (``fileio``); no NeMo or Megatron import (the
+``export`` tool in ``nemo_tiedlora.tools.export`` reads the archives and calls these). The inverse direction, a HF
+checkpoint into NeMo, is ``nemo_tiedlora.hf_import``.
 
-Adapter (spec sections 1, 4, 6). Every configuration is a per-layer rank-r LoRA on the fused QKV linear,
+Adapter (spec sections 1, 4, 6). Every configuration is a per-layer rank-r LoRA on the fused QKV linear
+(``nemo_tiedlora.merge.per_layer_lora``),
 
     A_l = diag(u_l) A   [r, d]        B_l = s * diag(v_l) B   [out, r]        (s = alpha / r folded into B_l)
 
@@ -26,10 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -39,7 +38,8 @@ from torch import Tensor
 
 from nemo_tiedlora.config import TiedLoraConfig
 from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
-from nemo_tiedlora.functional import per_layer_lora_factors
+from nemo_tiedlora.fileio import atomic_directory
+from nemo_tiedlora.merge import per_layer_lora
 from nemo_tiedlora.qkv_layout import split_fused_qkv  # the one interleave rule (import uses its inverse)
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -49,67 +49,8 @@ HF_WEIGHTS_NAME = "model.safetensors"
 HF_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
 _PEFT_PREFIX = "base_model.model.model.layers"  # PeftModel(LlamaForCausalLM): .base_model.model.model.layers
 
-_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(A|B|u|v)$")
-
 
 # Adapter -> per-layer LoRA -> HF PEFT -------------------------------------------------------------------------
-
-
-def per_layer_lora(state: Mapping[str, Tensor], cfg: TiedLoraConfig) -> dict[int, tuple[Tensor, Tensor]]:
-    """``{n: (A_l [r, d], B_l [out, r])}`` for every layer n (1-based, global) in the logical adapter state.
-
-    ``state`` holds 'A', 'B' (tied) or 'layers.<n>.A', 'layers.<n>.B' (untied), and 'layers.<n>.u', 'layers.<n>.v'
-    (see ``nemo_tiedlora.nemo.state``). ``A_l = diag(u_l) A``, ``B_l = s diag(v_l) B`` with ``s = cfg.scale``,
-    computed in float32 and returned in the state's dtype. Every missing, unknown or misshapen key is reported in
-    one :class:`TiedLoraCheckpointError`.
-    """
-    tied, r = cfg.flags.tied, cfg.rank
-    layers = sorted({int(m.group(1)) for key in state if (m := _LAYER_KEY.match(key))})
-    problems: list[str] = []
-    unknown = sorted(key for key in state if key not in ("A", "B") and not _LAYER_KEY.match(key))
-    if unknown:
-        problems.append(f"unknown keys {unknown}")
-    own_ab = sorted(key for key in state if _LAYER_KEY.match(key) and key.rsplit(".", 1)[1] in ("A", "B"))
-    if tied and own_ab:
-        problems.append(f"per-layer {own_ab} in a tied configuration (is this an untied adapter, e.g. preset lora?)")
-    if not tied and any(key in state for key in ("A", "B")):
-        problems.append("shared 'A'/'B' in an untied configuration (is this a tied adapter?)")
-    if not layers:
-        problems.append("no 'layers.<n>.u' / 'layers.<n>.v' keys")
-    required = [key for key in ("A", "B") if tied] + [
-        f"layers.{n}.{factor}" for n in layers for factor in (("u", "v") if tied else ("A", "B", "u", "v"))
-    ]
-    missing = [key for key in required if key not in state]
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if problems:
-        raise TiedLoraCheckpointError(
-            "cannot read the Tied-LoRA adapter state: " + "; ".join(problems) + ". Pass the logical state of "
-            "nemo_tiedlora.nemo.state.gather_adapter_state with the config the adapter was trained with"
-        )
-
-    result: dict[int, tuple[Tensor, Tensor]] = {}
-    for n in layers:
-        a = state["A" if tied else f"layers.{n}.A"]  # [r, d]
-        b = state["B" if tied else f"layers.{n}.B"]  # [out, r]
-        u, v = state[f"layers.{n}.u"], state[f"layers.{n}.v"]  # [r], [out]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r or u.shape != (r,) or v.shape != (
-            b.shape[0],
-        ):
-            problems.append(
-                f"layer {n}: A {tuple(a.shape)}, B {tuple(b.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)} "
-                f"(expected A [{r}, d], B [out, {r}], u [{r}], v [out])"
-            )
-            continue
-        dtype = a.dtype
-        a_l, b_l = per_layer_lora_factors(a.float(), b.float(), u.float(), v.float(), cfg.scale)
-        result[n] = (a_l.to(dtype), b_l.to(dtype))
-    if problems:
-        raise TiedLoraCheckpointError(
-            f"adapter tensors do not match rank {r}: " + "; ".join(problems) + ": load the config the adapter was "
-            "saved with"
-        )
-    return result
 
 
 def hf_peft_adapter(
@@ -118,19 +59,21 @@ def hf_peft_adapter(
     shape: Mapping[str, int],
     *,
     base_model_name_or_path: Optional[str] = None,
+    check: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(``adapter_config.json`` contents, tensors) of the adapter as HF PEFT LoRA for ``LlamaForCausalLM``.
 
-    ``shape`` is ``nemo_tiedlora.nemo.peft.model_shape(model_cfg)`` (hidden_size, num_layers, num_attention_heads,
+    ``shape`` is ``nemo_tiedlora.shape.model_shape(model_cfg)`` (hidden_size, num_layers, num_attention_heads,
     num_query_groups, kv_channels, out_features). Layer n becomes HF layer ``n - 1``; only adapted layers
     (``cfg.layer_selection``) appear, and PEFT is told so with ``layers_to_transform``. Per layer,
     ``lora_A`` of q/k/v is ``A_l`` and ``lora_B`` of q/k/v are the de-interleaved rows of ``B_l``; ``lora_alpha = r``
     because ``s`` is folded into ``B_l``. Every tensor owns its storage (safetensors refuses shared ones).
+    ``check=False``: the state is a loaded archive's, validated already (see ``merge.per_layer_lora``).
     """
     d, out, num_layers = int(shape["hidden_size"]), int(shape["out_features"]), int(shape["num_layers"])
     cfg.validate_for_model(hidden_size=d, num_layers=num_layers, out_features=out)
     expected = list(cfg.layer_selection or range(1, num_layers + 1))
-    factors = per_layer_lora(state, cfg)
+    factors = per_layer_lora(state, cfg, check=check)
     if sorted(factors) != sorted(expected):
         raise TiedLoraCheckpointError(
             f"the adapter state has layers {sorted(factors)} but the config adapts layers {sorted(expected)}: export "
@@ -382,9 +325,10 @@ def _write_hf_dir(
     *,
     overwrite: bool,
 ) -> Path:
-    def write(directory: Path) -> None:
-        from safetensors.torch import save_file
+    """Write the files into a temporary folder that replaces ``out_dir`` when complete (``fileio.atomic_directory``)."""
+    from safetensors.torch import save_file
 
+    with atomic_directory(out_dir, overwrite=overwrite) as directory:
         for name, content in json_files.items():
             (directory / name).write_text(json.dumps(dict(content), indent=2, sort_keys=True) + "\n")
         for name, tensors in safetensors_files.items():
@@ -396,41 +340,4 @@ def _write_hf_dir(
                 plain[key] = _owned(tensor) if pointer in seen else tensor  # safetensors refuses shared storage
                 seen.add(pointer)
             save_file(plain, str(directory / name), metadata={"format": "pt"})
-
-    return _write_dir_atomically(out_dir, write, overwrite=overwrite)
-
-
-def _write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool) -> Path:
-    """Write into a temporary directory next to ``out_dir``, then rename it into place.
-
-    An interrupted export never leaves a half-written directory under the final name. An existing ``out_dir`` is
-    refused unless ``overwrite`` (then it is replaced only after the new one is complete).
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already exists: choose a new output directory or replace it with --overwrite (overwrite=True "
-            "from Python)"
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory: remove it or choose another output path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.old"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

@@ -1,6 +1,6 @@
 """Hugging Face Llama-family checkpoint -> NeMo 1.x megatron-core GPT: config and state dict (pure; no NeMo import).
 
-The inverse of ``nemo_tiedlora.export.nemo_gpt_to_hf_llama`` (see its module docstring for why the conventions
+The inverse of ``nemo_tiedlora.hf_export.nemo_gpt_to_hf_llama`` (see its module docstring for why the conventions
 agree: RoPE rotating halves, RMSNorm, softmax scale, SwiGLU). Per decoder layer i, with np heads, ng query groups
 (``num_key_value_heads``) and head_dim hn:
 

@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from nemo_tiedlora.nemo.base_io import cpu_trainer
+from nemo_tiedlora.nemo.gpt_config import llama_gpt_config
 
 logger = logging.getLogger("nemo_tiedlora")
 
@@ -35,107 +38,12 @@ class BaseSpec:
 
 def base_model_config(tokenizer_model: Path, spec: BaseSpec) -> DictConfig:
     """A NeMo 1.x MegatronGPTModel config for a Llama-style model (local layer spec, fp32, CPU-initialised)."""
-    return OmegaConf.create(
-        {
-            "micro_batch_size": spec.batch_size,
-            "global_batch_size": spec.batch_size,
-            "tensor_model_parallel_size": 1,
-            "pipeline_model_parallel_size": 1,
-            "encoder_seq_length": spec.seq_length,
-            "max_position_embeddings": spec.seq_length,
-            "num_layers": spec.num_layers,
-            "hidden_size": spec.hidden_size,
-            "ffn_hidden_size": spec.ffn_hidden_size,
-            "num_attention_heads": spec.num_attention_heads,
-            "num_query_groups": spec.num_query_groups,
-            "kv_channels": None,
-            "init_method_std": 0.02,
-            "hidden_dropout": 0.0,
-            "attention_dropout": 0.0,
-            "ffn_dropout": 0.0,
-            "apply_query_key_layer_scaling": False,
-            "normalization": "rmsnorm",
-            "layernorm_epsilon": 1e-5,
-            "do_layer_norm_weight_decay": False,
-            "make_vocab_size_divisible_by": 128,
-            "pre_process": True,
-            "post_process": True,
-            "persist_layer_norm": False,
-            "bias": False,
-            "activation": "fast-swiglu",
-            "headscale": False,
-            "transformer_block_type": "pre_ln",
-            "openai_gelu": False,
-            "normalize_attention_scores": True,
-            "position_embedding_type": "rope",
-            "rotary_percentage": 1.0,
-            "share_embeddings_and_output_weights": False,
-            "mcore_gpt": True,
-            "transformer_engine": False,
-            "use_cpu_initialization": True,
-            "megatron_amp_O2": False,
-            "precision": 32,
-            "native_amp_init_scale": 4294967296,
-            "native_amp_growth_interval": 1000,
-            "hysteresis": 2,
-            "fp32_residual_connection": False,
-            "fp16_lm_cross_entropy": False,
-            "seed": spec.seed,
-            "onnx_safe": False,
-            "apex_transformer_log_level": 30,
-            "gradient_as_bucket_view": False,
-            "gradient_accumulation_fusion": False,
-            "masked_softmax_fusion": False,
-            "bias_activation_fusion": False,
-            "bias_dropout_add_fusion": False,
-            "get_attention_mask_from_fusion": True,
-            "apply_rope_fusion": False,
-            "cross_entropy_loss_fusion": False,
-            "dist_ckpt_load_on_device": False,
-            "sequence_parallel": False,
-            "tokenizer": {
-                "library": "sentencepiece",
-                "type": None,
-                "model": str(tokenizer_model),
-                "vocab_file": None,
-                "merge_file": None,
-                "delimiter": None,
-                "sentencepiece_legacy": False,
-            },
-            "data": {
-                "data_impl": "mock",
-                "data_prefix": [],
-                "splits_string": "900,50,50",
-                "seq_length": spec.seq_length,
-                "num_workers": 0,
-                "dataloader_type": "single",
-                "skip_warmup": True,
-                "index_mapping_dir": None,
-            },
-            "optim": {"name": "adam", "lr": spec.lr, "weight_decay": 0.0, "betas": [0.9, 0.95]},
-        }
-    )
-
-
-def _cpu_trainer():
-    import nemo.collections.nlp.parts.nlp_overrides as nlp_overrides
-    from lightning.pytorch import Trainer
-
-    strategy = nlp_overrides.NLPDDPStrategy(
-        process_group_backend="gloo", find_unused_parameters=False, no_ddp_communication_hook=True
-    )
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=strategy,
-        precision=32,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    tokenizer = {"library": "sentencepiece", "type": None, "model": str(tokenizer_model), "vocab_file": None,
+                 "merge_file": None, "delimiter": None, "sentencepiece_legacy": False}
+    return llama_gpt_config(tokenizer=tokenizer, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+                            ffn_hidden_size=spec.ffn_hidden_size, num_attention_heads=spec.num_attention_heads,
+                            num_query_groups=spec.num_query_groups, seq_length=spec.seq_length,
+                            batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed)
 
 
 def _token_windows(corpus: Path, tokenizer_model: Path, seq_length: int) -> torch.Tensor:
@@ -186,7 +94,7 @@ def build_base_model(
 
     started = time.time()
     torch.manual_seed(spec.seed)
-    model = MegatronGPTModel(base_model_config(tokenizer_model, spec), trainer=_cpu_trainer())
+    model = MegatronGPTModel(base_model_config(tokenizer_model, spec), trainer=cpu_trainer())
     gpt = model.model
     windows = _token_windows(corpus, tokenizer_model, spec.seq_length)
     generator = torch.Generator().manual_seed(spec.seed)

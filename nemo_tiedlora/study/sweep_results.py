@@ -112,7 +112,7 @@ def trainable_params(shape: Mapping[str, int], preset: str, rank: int) -> int:
 def base_shape(base: Path) -> dict[str, int]:
     """hidden size, layers and fused-QKV width of a base .nemo, from its ``model_config.yaml`` (no NeMo import)."""
     from nemo_tiedlora.functional import qkv_out_width
-    from nemo_tiedlora.nemo.tools import base_config
+    from nemo_tiedlora.nemo.base_io import base_config
 
     cfg = base_config(base)
     heads = int(cfg.num_attention_heads)

@@ -27,7 +27,7 @@ def test_every_fix_names_its_scope_and_defect():
 def test_nemo_lora_on_qkv_and_dense_equals_its_merged_weights(tiny, tmp_path):
     from nemo_tiedlora.nemo import compat
     from nemo_tiedlora.nemo.finetune import build
-    from nemo_tiedlora.nemo.tools import _restore_base
+    from nemo_tiedlora.nemo.base_io import restore_base as _restore_base
 
     base, data, spec = tiny
     cfg = finetune_cfg(base, data, tmp_path)

@@ -78,7 +78,7 @@ def test_nan_gradient_stops_the_run_and_writes_no_adapter(tiny, tmp_path):
 
 @pytest.mark.parametrize("command", ["merge", "convert"])
 def test_kill_during_merge_or_convert_leaves_no_output(tiny, adapter, tmp_path, command):  # noqa: F811
-    from nemo_tiedlora.convert import checkpoint_format, read_base
+    from nemo_tiedlora.nemo.base_io import checkpoint_format, read_base
 
     base, _, _ = tiny
     out = tmp_path / f"{command}.nemo"

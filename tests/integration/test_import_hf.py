@@ -27,7 +27,7 @@ FORMATS = {"llama": "dist", "smollm": "dist"}
 
 
 def _import(family: str, work: Path):
-    from nemo_tiedlora.nemo.hf_import import import_hf
+    from nemo_tiedlora.tools.import_hf import import_hf
 
     model, tokenizer = build_tiny(family, work / "hf")
     out = import_hf(work / "hf", work / "base.nemo", fmt=FORMATS.get(family, "legacy"))
@@ -47,9 +47,9 @@ def imported(tmp_path_factory):
 
 
 def nemo_logits(base: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from nemo_tiedlora.nemo.tools import _restore_base
+    from nemo_tiedlora.nemo.base_io import restore_base
 
-    gpt = _restore_base(base).model.eval()
+    gpt = restore_base(base).model.eval()
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
     with torch.no_grad():
         return gpt(input_ids=tokens, position_ids=positions, attention_mask=None)  # [b, s, vocab]
@@ -72,8 +72,8 @@ def test_nemo_logits_equal_transformers(family, imported):
 def test_round_trip_through_export_is_bitwise(family, imported):
     from safetensors.torch import load_file
 
-    from nemo_tiedlora.convert import read_base
-    from nemo_tiedlora.export import nemo_gpt_to_hf_llama
+    from nemo_tiedlora.nemo.base_io import read_base
+    from nemo_tiedlora.hf_export import nemo_gpt_to_hf_llama
 
     _, _, base = imported(family)
     source = load_file(str(base.parent / "hf" / "model.safetensors"))
@@ -92,10 +92,10 @@ def test_sharded_checkpoint_in_bf16_legacy_tp2(tmp_path):
 
     from safetensors.torch import load_file
 
-    from nemo_tiedlora.convert import read_base
+    from nemo_tiedlora.nemo.base_io import read_base
     from nemo_tiedlora.errors import TiedLoraCheckpointError
-    from nemo_tiedlora.export import nemo_gpt_to_hf_llama
-    from nemo_tiedlora.nemo.hf_import import import_hf
+    from nemo_tiedlora.hf_export import nemo_gpt_to_hf_llama
+    from nemo_tiedlora.tools.import_hf import import_hf
 
     build_tiny("llama", tmp_path / "hf", max_shard_size="60KB")
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
@@ -117,7 +117,7 @@ def test_sharded_checkpoint_in_bf16_legacy_tp2(tmp_path):
 
 
 def test_tokenizer_travels_inside_the_archive(imported, tmp_path):
-    from nemo_tiedlora.nemo.tools import _restore_base
+    from nemo_tiedlora.nemo.base_io import restore_base
 
     _, tokenizer, base = imported("llama")
     with tarfile.open(base) as tar:
@@ -131,7 +131,7 @@ def test_tokenizer_travels_inside_the_archive(imported, tmp_path):
     assert not any(name.endswith("tokenizer.model") for name in names)
     moved = shutil.move(str(base.parent / "hf"), str(tmp_path / "gone"))  # no path outside the archive is read
     try:
-        nemo_tokenizer = _restore_base(base).tokenizer
+        nemo_tokenizer = restore_base(base).tokenizer
     finally:
         shutil.move(moved, str(base.parent / "hf"))
     text = "hello world w7 w100 unknown-word"
@@ -144,7 +144,7 @@ def test_import_from_a_script_without_main_guard(tmp_path):
     build_tiny("llama", tmp_path / "hf")
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "from nemo_tiedlora.nemo.hf_import import import_hf\n"
+        "from nemo_tiedlora.tools.import_hf import import_hf\n"
         f"import_hf({str(tmp_path / 'hf')!r}, {str(tmp_path / 'base.nemo')!r}, fmt='dist')\n"
         "print('IMPORTED')\n"
     )

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_batched_scores_equal_a_position_by_position_reference(tiny):
-    from nemo_tiedlora.nemo.tools import _restore_base
+    from nemo_tiedlora.nemo.base_io import restore_base as _restore_base
     from nemo_tiedlora.study.loglik import ending_loglikelihoods
 
     base, _, _ = tiny

@@ -45,20 +45,21 @@ def trained(tiny, tmp_path_factory):
 
 
 def test_merged_nemo_reproduces_adapter_logits(trained):
-    from nemo_tiedlora.nemo.tools import _restore_base, merge
+    from nemo_tiedlora.nemo.base_io import restore_base
+    from nemo_tiedlora.tools.merge import merge
 
     base, adapter, logits, tokens, positions, _, work = trained
     out = merge(base=base, adapter=adapter, out=work / "merged.nemo")
-    merged = _restore_base(out)
+    merged = restore_base(out)
     merged_logits = _logits(merged, tokens, positions)
     torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-4)
-    base_model = _restore_base(base)
+    base_model = restore_base(base)
     base_logits = _logits(base_model, tokens, positions)
     assert (base_logits - logits).abs().max() > 1e-2  # the adapter changes the model: the check is not vacuous
 
 
 def test_inspect_reports_the_archive(trained):
-    from nemo_tiedlora.nemo.tools import inspect_adapter
+    from nemo_tiedlora.tools.inspect import inspect_adapter
 
     _, adapter, _, _, _, norms, _ = trained
     report = inspect_adapter(adapter)
@@ -87,7 +88,7 @@ def test_cli_refuses_existing_output_and_foreign_base(trained, tmp_path):
 def test_adapter_for_another_base_shape_is_refused(trained, tmp_path):
     from nemo_tiedlora.checkpoint import load_archive, save_archive
     from nemo_tiedlora.errors import TiedLoraCheckpointError
-    from nemo_tiedlora.nemo.tools import merge
+    from nemo_tiedlora.tools.merge import merge
 
     base, adapter, _, _, _, _, _ = trained
     archive = load_archive(adapter)
@@ -106,7 +107,7 @@ def test_nemo_lora_export_loads_in_nemo_lora_with_the_same_logits(trained, tiny)
     from omegaconf import open_dict
 
     from nemo_tiedlora.nemo.finetune import build
-    from nemo_tiedlora.nemo.tools import export_nemo_lora
+    from nemo_tiedlora.tools.export import export_nemo_lora
 
     base, adapter, logits, tokens, positions, _, work = trained
     out = export_nemo_lora(adapter=adapter, base=base, out=work / "exported_lora.nemo")
@@ -129,7 +130,7 @@ def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trai
     import tarfile
     from pathlib import Path
 
-    from nemo_tiedlora.nemo.tools import _restore_base
+    from nemo_tiedlora.nemo.base_io import restore_base
 
     base, adapter, logits, tokens, positions, _, work = trained
     out = work / "merged_legacy.nemo"
@@ -141,7 +142,7 @@ def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trai
     with tarfile.open(out) as tar:
         names = {m.name.lstrip("./") for m in tar.getmembers()}
     assert "model_weights.ckpt" in names and not any(n.startswith("model_weights/") for n in names)
-    merged = _restore_base(out)
+    merged = restore_base(out)
     merged_logits = _logits(merged, tokens, positions)
     torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-4)
 
@@ -150,8 +151,8 @@ def test_convert_distributed_to_distributed_records_the_layout_and_keeps_the_wei
     """dist -> dist: NeMo restores once and saves with the new TP/PP in its config; the weights are untouched."""
     import tarfile
 
-    from nemo_tiedlora.convert import convert, read_base
-    from nemo_tiedlora.nemo.tools import base_config
+    from nemo_tiedlora.nemo.base_io import base_config, read_base
+    from nemo_tiedlora.tools.convert import convert
 
     base, _, _, _, _, _, work = trained
     out = convert(base, work / "base_tp2pp2_dist.nemo", tp=2, pp=2)

@@ -12,15 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nemo_tiedlora.convert import (
-    checkpoint_format,
-    layout_for,
-    read_base,
-    shard,
-    unshard,
-    write_legacy,
-    BaseCheckpoint,
-)
+from nemo_tiedlora.nemo.base_io import BaseCheckpoint, checkpoint_format, read_base, write_legacy
+from nemo_tiedlora.reshard import layout_for, shard, unshard
 from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
 
 D, FFN, HEADS, GROUPS, HEAD_DIM, VOCAB = 8, 12, 4, 2, 2, 10

@@ -14,14 +14,9 @@ from safetensors.torch import load_file
 
 from nemo_tiedlora.config import TiedLoraConfig
 from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
-from nemo_tiedlora.export import (
-    hf_peft_adapter,
-    nemo_gpt_to_hf_llama,
-    per_layer_lora,
-    split_fused_qkv,
-    write_hf_model,
-    write_hf_peft,
-)
+from nemo_tiedlora.hf_export import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
+from nemo_tiedlora.merge import per_layer_lora
+from nemo_tiedlora.qkv_layout import split_fused_qkv
 
 HD = 8
 SHAPE = dict(hidden_size=32, num_layers=3, num_attention_heads=4, num_query_groups=2, kv_channels=HD,

@@ -10,7 +10,7 @@ per-rank checkpoint at any TP/PP; `format=dist` (default) loads at any TP/PP, `f
 from nemo.core.config import hydra_runner
 
 from nemo_tiedlora.nemo.launch import user_errors
-from nemo_tiedlora.nemo.tools import merge
+from nemo_tiedlora.tools.merge import merge
 
 
 @hydra_runner(config_path="conf", config_name="megatron_gpt_tiedlora_merge_config")

@@ -1,0 +1,380 @@
+"""The one reader / writer of base GPT `.nemo` archives, on CPU in one process (nemo glue layer: imports NeMo lazily).
+
+NeMo writes two kinds of `.nemo` for Megatron GPT models:
+
+* ``dist``: a distributed checkpoint (``model_weights/`` with ``.distcp`` files). It stores global tensors, so NeMo
+  loads it at any TP/PP; NeMo 2.4.1 writes this for every mcore model.
+* ``legacy``: one ``torch.save`` state dict per model-parallel rank (``model_weights.ckpt`` at TP1 PP1,
+  ``mp_rank_XX/model_weights.ckpt`` at PP1, ``tp_rank_XX_pp_rank_XXX/model_weights.ckpt`` otherwise), written by
+  older NeMo releases and by many converted checkpoints. NeMo loads it only at exactly the TP/PP it was saved at.
+
+:func:`read_base` turns either into one TP1/PP1 state dict (a distributed one through NeMo's own restore, a legacy
+one from its memory-mapped shards, joined by ``nemo_tiedlora.reshard``); :func:`write_legacy` / :func:`write_dist`
+write such a state dict at any TP/PP; :func:`restore_base` restores a base on CPU with its own trainer and
+:func:`save_with_layout` / :func:`save_to` save a restored model through NeMo. Every output is checked by
+``fileio.check_output`` (one :class:`~nemo_tiedlora.fileio.OutputExistsError`) and written through
+``fileio.atomic_output``. Errors: an unreadable or incomplete archive is a ``TiedLoraCheckpointError``, an
+impossible layout or unknown format a ``TiedLoraConfigError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nemo_tiedlora.checkpoint import tar_error_text
+from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
+from nemo_tiedlora.fileio import atomic_output, check_output
+from nemo_tiedlora.reshard import (
+    VOCAB_KEYS,
+    Layout,
+    layout_for,
+    layout_settings,
+    padded_vocab,
+    repad,
+    shard,
+    source_layout,
+    unshard,
+)
+
+WEIGHTS = "model_weights.ckpt"
+CONFIG = "model_config.yaml"
+FORMATS = ("dist", "legacy")
+_RANK_DIR = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))$")
+
+
+@dataclass
+class BaseCheckpoint:
+    """A base `.nemo` as one TP1/PP1 state dict, its config and the archive's other files (tokenizer...)."""
+
+    cfg: DictConfig
+    state: dict[str, Any]
+    format: str  # "dist" | "legacy"
+    source: Layout
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # archive member name -> bytes (not weights/config)
+
+
+def check_format(fmt: str) -> str:
+    """`fmt` if it is a base format this package writes, else the error naming the choices."""
+    if fmt not in FORMATS:
+        raise TiedLoraConfigError(f"unknown format {fmt!r}: choose 'dist' or 'legacy'")
+    return fmt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _archive(path: Path) -> Iterator[tarfile.TarFile]:
+    """The base archive open for reading; every way it cannot be read is one error naming the file and the fix."""
+    if not path.exists():
+        raise TiedLoraCheckpointError(f"{path} does not exist")
+    try:
+        with tarfile.open(path) as tar:
+            yield tar
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise TiedLoraCheckpointError(f"{path} is not a readable NeMo .nemo archive ({tar_error_text(error)}): it is "
+                                      "truncated or corrupt, or not a .nemo at all; check the path or copy the file "
+                                      "again") from error
+
+
+def _member_name(member: tarfile.TarInfo) -> str:
+    return member.name.lstrip("./")
+
+
+def _format_of(names: set[str], path: Path) -> str:
+    if any(n.startswith("model_weights/") for n in names):
+        return "dist"
+    if WEIGHTS in names or any(n.endswith("/" + WEIGHTS) and _RANK_DIR.match(n.split("/")[0]) for n in names):
+        return "legacy"
+    raise TiedLoraCheckpointError(f"{path} holds neither a distributed checkpoint (model_weights/) nor per-rank "
+                                  f"{WEIGHTS} files: it is not a NeMo GPT model archive")
+
+
+def _read_config(tar: tarfile.TarFile, member: tarfile.TarInfo) -> DictConfig:
+    return OmegaConf.load(io.StringIO(tar.extractfile(member).read().decode()))
+
+
+def _no_config(path: Path) -> TiedLoraCheckpointError:
+    return TiedLoraCheckpointError(f"{path} has no {CONFIG}: it is not a NeMo model archive")
+
+
+def checkpoint_format(path: Path) -> str:
+    """``dist`` or ``legacy`` (an error naming the file if it is neither; reads the archive's index only)."""
+    path = Path(path)
+    with _archive(path) as tar:
+        names = {_member_name(m) for m in tar.getmembers()}
+    return _format_of(names, path)
+
+
+def base_config(base: Path) -> DictConfig:
+    """The model config stored in a base .nemo (reads the archive index and one small member)."""
+    base = Path(base)
+    with _archive(base) as tar:
+        member = next((m for m in tar.getmembers() if _member_name(m) == CONFIG), None)
+        if member is None:
+            raise _no_config(base)
+        return _read_config(tar, member)
+
+
+def read_base(path: Path, *, workdir: Optional[Path] = None) -> BaseCheckpoint:
+    """Read a base `.nemo` of either format, at any TP/PP, into one TP1/PP1 state dict.
+
+    One pass over the archive reads its config, its other top-level files and (legacy) its per-rank weight files;
+    those are memory-mapped, so the TP1 state dict is about one copy of the base.
+    """
+    path = Path(path)
+    work = Path(tempfile.mkdtemp(prefix="tiedlora-convert-", dir=workdir))
+    try:
+        names: set[str] = set()
+        cfg, artifacts = None, {}
+        with _archive(path) as tar:
+            for member in tar:
+                name = _member_name(member)
+                names.add(name)
+                if not member.isfile():
+                    continue
+                if name == CONFIG:
+                    cfg = _read_config(tar, member)
+                elif name.endswith(WEIGHTS):
+                    with tar.extractfile(member) as src, open(work / name.replace("/", "__"), "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 24)
+                elif "/" not in name and not name.endswith(".ckpt"):
+                    artifacts[name] = tar.extractfile(member).read()
+        kind = _format_of(names, path)
+        if cfg is None:
+            raise _no_config(path)
+        source = source_layout(cfg)
+        if kind == "dist":
+            state = dict(restore_base(path, cfg=cfg).state_dict())
+        else:
+            state = unshard(_legacy_shards(path, work, source), cfg, source)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # mmap'd storages stay valid after unlink (POSIX)
+    return BaseCheckpoint(cfg, state, kind, source, artifacts)
+
+
+def _rank_file(layout: Layout, tp_rank: int, pp_rank: int) -> str:
+    """The archive member of one rank's state dict in a legacy archive of `layout`."""
+    if layout.tp * layout.pp == 1:
+        return WEIGHTS
+    folder = f"mp_rank_{tp_rank:02d}" if layout.pp == 1 else f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}"
+    return f"{folder}/{WEIGHTS}"
+
+
+def _legacy_shards(path: Path, work: Path, layout: Layout) -> dict[tuple[int, int], dict[str, Any]]:
+    shards = {}
+    for t in range(layout.tp):
+        for p in range(layout.pp):
+            name = _rank_file(layout, t, p)
+            file = work / name.replace("/", "__")
+            if not file.exists():
+                raise TiedLoraCheckpointError(
+                    f"{path} is missing {name}: its model_config.yaml says TP={layout.tp} PP={layout.pp}, so the "
+                    "archive is incomplete or its config does not match its weights")
+            try:
+                shards[(t, p)] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as error:  # noqa: BLE001 - any failure here means a corrupt shard
+                raise TiedLoraCheckpointError(f"cannot read the weights shard {name} of {path} ({error!r}): the "
+                                              "archive is truncated or corrupt") from error
+    return shards
+
+
+def original_vocab_size(cfg: Any, artifacts: dict[str, bytes]) -> int:
+    """The tokenizer's vocabulary size (NeMo pads it to a multiple of make_vocab_size_divisible_by x TP)."""
+    tok = cfg.get("tokenizer", {})
+    model = str(tok.get("model") or "")
+    if tok.get("library") == "sentencepiece" and model.startswith("nemo:") and model[5:] in artifacts:
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor()
+        processor.LoadFromSerializedProto(artifacts[model[5:]])
+        return int(processor.get_piece_size())
+    hf_json = str((tok.get("hf_files") or {}).get("tokenizer_json") or "")  # written by import-hf
+    if tok.get("library") == "huggingface" and hf_json.startswith("nemo:") and hf_json[5:] in artifacts:
+        from tokenizers import Tokenizer
+
+        return int(Tokenizer.from_str(artifacts[hf_json[5:]].decode()).get_vocab_size(with_added_tokens=True))
+    raise TiedLoraCheckpointError(
+        f"cannot tell the tokenizer's vocabulary size (tokenizer library {tok.get('library')!r}), which sets the "
+        "vocabulary padding at the new TP size: pass --vocab-size")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NeMo: restore on CPU, save
+# ----------------------------------------------------------------------------------------------------------------
+def cpu_trainer() -> Any:
+    """A one-device CPU Lightning trainer (gloo, fp32, no logger or checkpoints) to build or restore a model with."""
+    import nemo.collections.nlp.parts.nlp_overrides as nlp_overrides
+    from lightning.pytorch import Trainer
+
+    strategy = nlp_overrides.NLPDDPStrategy(
+        process_group_backend="gloo", find_unused_parameters=False, no_ddp_communication_hook=True
+    )
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        precision=32,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def batch_sizes_in_force() -> Optional[dict[str, int]]:
+    """Megatron's process-wide micro-batch calculator refuses a second model with other batch sizes: when one is
+    set up (a model was built in this process already), build with its sizes (they do not matter for a tool)."""
+    from megatron.core import num_microbatches_calculator as calculator
+
+    if calculator._GLOBAL_NUM_MICROBATCHES_CALCULATOR is None:
+        return None
+    return {"global_batch_size": calculator.get_current_global_batch_size(),
+            "micro_batch_size": calculator.get_micro_batch_size()}
+
+
+def restore_base(base: Path, *, cfg: Optional[DictConfig] = None, tensor_model_parallel_size: int = 1,
+                 pipeline_model_parallel_size: int = 1) -> Any:
+    """NeMo's MegatronGPTModel of the base `.nemo` at `base`, restored on CPU in fp32 (`cfg`: its config if read)."""
+    from nemo_tiedlora.nemo import setup
+
+    setup()
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+
+    cfg = base_config(base) if cfg is None else OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(cfg):
+        cfg.tensor_model_parallel_size = tensor_model_parallel_size
+        cfg.pipeline_model_parallel_size = pipeline_model_parallel_size
+        cfg.use_cpu_initialization = True
+        cfg.precision = 32
+        cfg.update(batch_sizes_in_force() or {})  # a second model in this process: megatron's calculator is set
+    return MegatronGPTModel.restore_from(str(base), override_config_path=cfg, trainer=cpu_trainer())
+
+
+@contextlib.contextmanager
+def _main_hidden_from_spawn() -> Iterator[None]:
+    """While NeMo saves, the process's ``__main__`` is not re-run by spawned helpers.
+
+    megatron-core's distributed-checkpoint writer starts a ``spawn`` ``multiprocessing.Manager()``, whose child
+    re-executes the parent's main script (``__main__.__file__`` / ``__spec__``): from a script without an
+    ``if __name__ == "__main__"`` guard that re-runs the whole script and the save fails with EOFError. The child
+    needs nothing from the main module, so it is hidden from ``multiprocessing.spawn`` for the duration.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    try:
+        if "__file__" in saved:
+            del main.__file__
+        if "__spec__" in saved:
+            main.__spec__ = None
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+
+
+def save_to(model: Any, out: Path) -> Path:
+    """NeMo's save_to of `model` into a temporary name beside `out`, renamed at the end (nothing half-written)."""
+    out = Path(out)
+    with atomic_output(out, suffix=".partial.nemo") as partial, _main_hidden_from_spawn():
+        model.save_to(str(partial))
+    return out
+
+
+def save_with_layout(model: Any, layout: Layout, out: Path) -> Path:
+    """NeMo's save_to of a restored model with `layout` (TP, PP, uneven stages) recorded in its config; the
+    distributed checkpoint it writes loads at any TP/PP."""
+    with open_dict(model.cfg):
+        model.cfg.update(layout_settings(layout))
+    return save_to(model, Path(out))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing a TP1 state dict
+# ----------------------------------------------------------------------------------------------------------------
+def _config_with_layout(cfg: Any, layout: Layout) -> DictConfig:
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(cfg):
+        cfg.update(layout_settings(layout))
+    return cfg
+
+
+def write_legacy(base: BaseCheckpoint, out: Path, layout: Layout, *, vocab_size: Optional[int] = None,
+                 overwrite: bool = False) -> Path:
+    """Write `base` as a legacy per-rank `.nemo` at `layout` (one rank in memory at a time)."""
+    out = check_output(out, overwrite=overwrite)
+    vocab = vocab_size or original_vocab_size(base.cfg, base.artifacts)
+    rows = padded_vocab(vocab, base.cfg, layout.tp)
+    # the vocabulary tensors are re-padded once here, not once per rank
+    state = {key: repad(value, rows) if key in VOCAB_KEYS else value for key, value in base.state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        folder = Path(tmp)
+        for name, data in base.artifacts.items():
+            (folder / name).write_bytes(data)
+        OmegaConf.save(_config_with_layout(base.cfg, layout), folder / CONFIG)
+        for t in range(layout.tp):
+            for p in range(layout.pp):
+                target = folder / _rank_file(layout, t, p)
+                target.parent.mkdir(exist_ok=True)
+                torch.save(shard(state, base.cfg, layout, t, p, vocab_rows=rows), target)
+        with atomic_output(out) as partial, tarfile.open(partial, "w:") as tar:
+            tar.add(folder, arcname=".")
+    return out
+
+
+def write_dist(base: BaseCheckpoint, out: Path, layout: Layout, *, vocab_size: Optional[int] = None,
+               overwrite: bool = False, release: bool = False, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write `base` as a distributed-checkpoint `.nemo` (loadable at any TP/PP; `layout` is recorded in its config).
+
+    NeMo writes it: the state goes through a TP1 legacy archive that NeMo restores (strictly) and saves again.
+    `release`: empty ``base.state`` once its TP1 copy is on disk (one copy of the weights in memory from then on);
+    `dtype`: the dtype NeMo saves the weights in (it restores in fp32 on CPU).
+    """
+    out = check_output(out, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # NeMo reads the tokenizer from the restored archive when it saves: the TP1 copy lives until then.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        tp1 = write_legacy(base, Path(tmp) / "tp1.nemo", layout_for(base.cfg, 1, 1), vocab_size=vocab_size)
+        if release:
+            base.state.clear()
+        model = restore_base(tp1)
+        if dtype is not None and dtype != torch.float32:
+            model = model.to(dtype)
+        return save_with_layout(model, layout, out)
+
+
+def write_base(base: BaseCheckpoint, out: Path, layout: Layout, *, fmt: str, vocab_size: Optional[int] = None,
+               overwrite: bool = False, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write `base` in `fmt` ('dist': :func:`write_dist`, which empties ``base.state`` once its TP1 copy is on disk;
+    'legacy': :func:`write_legacy`) at `layout`."""
+    if check_format(fmt) == "dist":
+        return write_dist(base, out, layout, vocab_size=vocab_size, overwrite=overwrite, release=True, dtype=dtype)
+    return write_legacy(base, out, layout, vocab_size=vocab_size, overwrite=overwrite)
+
+
+def loadable_at_tp1(base: Path, workdir: Path) -> Path:
+    """`base` itself if NeMo can restore it at TP1/PP1 (a distributed checkpoint, or legacy saved at TP1/PP1);
+    otherwise a TP1 legacy copy of it in `workdir` (a legacy archive loads only at the layout it was saved at)."""
+    base = Path(base)
+    cfg = base_config(base)
+    if checkpoint_format(base) == "dist" or (int(cfg.get("tensor_model_parallel_size", 1)) == 1
+                                             and int(cfg.get("pipeline_model_parallel_size", 1)) == 1):
+        return base
+    source = read_base(base)
+    return write_legacy(source, Path(workdir) / "base_tp1.nemo", layout_for(source.cfg, 1, 1))

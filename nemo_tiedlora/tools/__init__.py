@@ -1,0 +1,12 @@
+"""The checkpoint tools (tools layer): the user-facing operations behind ``python -m nemo_tiedlora <command>``.
+
+- ``convert``: a base ``.nemo`` to another TP/PP layout or checkpoint format;
+- ``merge``: an adapter into its base, a standard ``.nemo``;
+- ``export``: an adapter as Hugging Face PEFT LoRA (and the base as a HF Llama checkpoint) or as NeMo's ``lora``;
+- ``import_hf``: a Hugging Face Llama-family checkpoint as a base ``.nemo``;
+- ``inspect``: what an adapter archive holds (no NeMo).
+
+They import the core (``reshard``, ``merge``, ``checkpoint``, ``hf_export``, ``hf_import``, ``shape``) and the NeMo
+glue (``nemo.base_io``, the one ``.nemo`` base reader / writer), never the applications (cli, demo, study, bench),
+which import them.
+"""

@@ -1,0 +1,102 @@
+"""``export``: an adapter as plain per-layer LoRA, for serving stacks (tools layer; CPU, one process).
+
+- :func:`export_hf_peft`: Hugging Face PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) and,
+  with ``base_out``, the base as a HF ``LlamaForCausalLM`` checkpoint (the pure mapping: ``nemo_tiedlora.hf_export``);
+- :func:`export_nemo_lora`: NeMo's own ``lora`` adapter ``.nemo``, written by NeMo.
+
+The adapter archive is read and validated once (``checkpoint.load_archive``) and checked against the base's shape.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nemo_tiedlora.checkpoint import AdapterArchive, check_base_shape, load_archive
+from nemo_tiedlora.errors import TiedLoraCheckpointError
+from nemo_tiedlora.fileio import check_output
+from nemo_tiedlora.hf_export import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
+from nemo_tiedlora.merge import per_layer_lora
+from nemo_tiedlora.nemo.base_io import base_config, batch_sizes_in_force, loadable_at_tp1, read_base, save_to
+from nemo_tiedlora.shape import model_shape
+
+
+def _adapter_for(adapter: Path, base: Path) -> tuple[AdapterArchive, dict[str, int]]:
+    """The adapter archive (read and validated once) and the base's shape, which must be the adapter's."""
+    archive = load_archive(Path(adapter))
+    shape = model_shape(base_config(Path(base)))
+    check_base_shape(archive.shape, shape)
+    return archive, shape
+
+
+def export_hf_peft(*, adapter: Path, base: Path, out: Path, base_out: Optional[Path] = None,
+                   overwrite: bool = False) -> dict[str, Path]:
+    """Write the adapter as HF PEFT LoRA to `out`; with `base_out`, also the base as a HF Llama checkpoint."""
+    archive, shape = _adapter_for(adapter, base)
+    written = {}
+    config, tensors = hf_peft_adapter(archive.tensors, archive.config, shape, check=False)
+    written["adapter"] = write_hf_peft(out, config, tensors, overwrite=overwrite)
+    if base_out is not None:
+        source = read_base(Path(base))  # either checkpoint format, any TP/PP
+        state, llama_cfg = nemo_gpt_to_hf_llama(source.state, source.cfg)
+        written["base"] = write_hf_model(base_out, state, llama_cfg, overwrite=overwrite)
+    return written
+
+
+def export_nemo_lora(*, adapter: Path, base: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write the adapter as NeMo's own ``lora`` PEFT .nemo (TP1/PP1), written by NeMo itself.
+
+    Per layer l: ``linear_in = diag(u_l) A`` [r, d] and ``linear_out = diag(v_l) B`` [out, r] of NeMo's
+    ``lora_kqv_adapter`` (Megatron's fused QKV order, as the base), with the same rank and alpha (NeMo scales by
+    alpha/r), on the same layers (``layer_selection``). NeMo loads it with ``model.peft.peft_scheme=lora``
+    ``model.peft.restore_from_path=<out>`` (any NeMo script: megatron_gpt_generate.py, ...).
+    """
+    from nemo_tiedlora.nemo.finetune import build, tuning_config
+
+    out = check_output(out, overwrite=overwrite)
+    archive, _ = _adapter_for(adapter, base)
+    tcfg = archive.config
+    factors = per_layer_lora(archive.tensors, tcfg, check=False)
+    num_layers = int(archive.shape["num_layers"])
+    cfg = tuning_config("finetuning")
+    with open_dict(cfg):
+        cfg.trainer.update(accelerator="cpu", devices=1, num_nodes=1, logger=False, enable_checkpointing=False)
+        cfg.exp_manager = None
+        cfg.model.update(restore_from_path=str(base), tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        cfg.model.update(batch_sizes_in_force() or {})
+        for split in cfg.model.data.values():  # no data: nothing is trained or evaluated here
+            if isinstance(split, DictConfig) and OmegaConf.is_missing(split, "file_names"):
+                split.file_names = []
+        cfg.model.peft.peft_scheme = "lora"
+        cfg.model.peft.restore_from_path = None
+        lora = cfg.model.peft.lora_tuning
+        lora.update(variant="nemo", target_modules=["attention_qkv"], adapter_dim=int(tcfg.rank),
+                    alpha=float(tcfg.resolved_alpha), adapter_dropout=0.0, weight_tying=False)
+        lora.layer_selection = None if sorted(factors) == list(range(1, num_layers + 1)) else sorted(factors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # NeMo reads the tokenizer from the restored archive when it saves: the TP1 copy (if any) lives until then.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        with open_dict(cfg):
+            cfg.model.restore_from_path = str(loadable_at_tp1(Path(base), Path(tmp)))
+        _, model, _, _ = build(cfg)
+        scale = float(tcfg.scale)
+        written = set()
+        with torch.no_grad():
+            for layer in model.model.decoder.layers:
+                number = layer.layer_number
+                if number not in factors:
+                    continue
+                lora_module = layer.self_attention.get_adapter_module("lora_kqv_adapter")
+                a_l, b_l = factors[number]
+                lora_module.linear_in.weight.copy_(a_l.to(torch.float32))
+                lora_module.linear_out.weight.copy_(b_l.to(torch.float32) / scale)  # NeMo applies alpha/r itself
+                written.add(number)
+        if written != set(factors):
+            missing = sorted(set(factors) - written)
+            raise TiedLoraCheckpointError(f"NeMo's LoRA model has no adapter on layers {missing}")
+        model.setup_complete = True  # NeMo's PEFT state: the adapter weights only, in NeMo's per-rank format
+        return save_to(model, out)
