@@ -17,6 +17,7 @@ from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModel
 from omegaconf import OmegaConf
 
 from nemo_tiedlora.checkpoint import check_base_shape, is_tiedlora_archive, load_archive, save_archive
+from nemo_tiedlora.merge import layer_key
 from nemo_tiedlora.modules import PARAM_NAMES
 
 logger = logging.getLogger("nemo_tiedlora")
@@ -71,7 +72,7 @@ def load_adapter(model: Any, path: str | Path) -> None:
         for number, adapter in iter_layer_adapters(model):
             for name, param in adapter.named_parameters(recurse=False):
                 factor = next(f for f, n in PARAM_NAMES.items() if n == name)
-                param.copy_(archive.tensors[f"layers.{number}.{factor}"])
+                param.copy_(archive.tensors[layer_key(number, factor)])
     logger.info("loaded Tied-LoRA adapter %s (%s, rank %d)", path, archive.config.preset, archive.config.rank)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_tiedlora.merge import layer_key
 from nemo_tiedlora.modules import FACTOR_OF_PARAM
 
 
@@ -24,7 +25,7 @@ def local_adapter_state(model: Any) -> dict[str, torch.Tensor]:
             state[FACTOR_OF_PARAM[name]] = param.detach().cpu().clone()
     for number, adapter in iter_layer_adapters(model):
         for name, param in adapter.named_parameters(recurse=False):
-            state[f"layers.{number}.{FACTOR_OF_PARAM[name]}"] = param.detach().cpu().clone()
+            state[layer_key(number, FACTOR_OF_PARAM[name])] = param.detach().cpu().clone()
     return state
 
 
