@@ -12,6 +12,9 @@ The fault comes from $TIEDLORA_FAULT (nothing else changes: same arguments, same
 - ``kill-in-output``      SIGKILL while merge / convert pack their output .nemo (after its first member)
 - ``wait-after-step:N``   at the end of step N write $TIEDLORA_FAULT_MARKER and sleep (the test then kills the whole
                           job, torchrun included, as a scheduler or a power loss would)
+- ``kill-in-collective:N`` in optimizer step N, at this rank's first collective (torch.distributed.all_reduce: the
+                          TP forward's reductions, the gradient sums), wait until the other ranks are blocked in it,
+                          write $TIEDLORA_FAULT_MARKER and SIGKILL this process: a rank lost inside a collective
 - ``nan-grad:N``          put a NaN into one adapter gradient at optimizer step N (before the adapter's checks)
 $TIEDLORA_FAULT_RANK limits the fault to one global rank (default: every rank).
 """
@@ -70,6 +73,35 @@ def _install() -> None:
             return original(self, callbacks=[*(callbacks or []), AtStep()])
 
         MegatronLMPPTrainerBuilder.create_trainer = create_trainer
+    elif kind == "kill-in-collective":
+        import torch.distributed as dist
+        from lightning.pytorch import Callback
+        from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronLMPPTrainerBuilder
+
+        armed = []
+        original_all_reduce = dist.all_reduce
+
+        def all_reduce(*args, **kwargs):
+            if armed:
+                time.sleep(3.0)  # the peers enter the same collective and block in it
+                marker = os.environ.get("TIEDLORA_FAULT_MARKER")
+                if marker:
+                    Path(marker).write_text(f"{time.time()}")
+                _die()
+            return original_all_reduce(*args, **kwargs)
+
+        class Arm(Callback):
+            def on_train_batch_start(self, trainer, *args) -> None:
+                if trainer.global_step == number:
+                    armed.append(True)
+
+        original_create = MegatronLMPPTrainerBuilder.create_trainer
+
+        def create_trainer_armed(self, callbacks=None):
+            return original_create(self, callbacks=[*(callbacks or []), Arm()])
+
+        dist.all_reduce = all_reduce
+        MegatronLMPPTrainerBuilder.create_trainer = create_trainer_armed
     elif kind == "kill-in-ckpt":
         import lightning.fabric.plugins.io.torch_io as torch_io
 

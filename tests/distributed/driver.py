@@ -42,7 +42,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--save-adapter", help="write the adapter archive here after training")
     parser.add_argument("--load-adapter", help="start from this adapter archive (model.peft.restore_from_path)")
     parser.add_argument("--logits-out", help="no training: run one validation batch and write the full-vocabulary "
-                        "logits of the model's output layer here (from the last stage's TP rank 0)")
+                        "logits of the model's output layer here (from the last stage's TP rank 0), and the batch's "
+                        "input ids to LOGITS_OUT.input_ids.pt (from global rank 0)")
+    parser.add_argument("--max-seq-length", type=int, default=64, help="max_seq_length of the train/validation data")
+    parser.add_argument("--adapter-dim", type=int, default=4)
     parser.add_argument("--skip-grad-sum", action="store_true",
                         help="negative control: disable the TP/PP gradient sums (the equivalence must then fail)")
     return parser.parse_args()
@@ -80,11 +83,11 @@ def main() -> None:
         cfg.model.optim = OmegaConf.create({"name": args.optim, "lr": args.lr, "weight_decay": 0.0,
                                            "betas": [0.9, 0.98], "eps": args.eps})
         cfg.model.peft.tiedlora_tuning.preset = args.preset
-        cfg.model.peft.tiedlora_tuning.adapter_dim = 4
+        cfg.model.peft.tiedlora_tuning.adapter_dim = args.adapter_dim
         cfg.model.peft.tiedlora_tuning.check_replicas_every = 2
         for split, name in (("train_ds", "train.jsonl"), ("validation_ds", "validation.jsonl")):
             cfg.model.data[split].file_names = [str(Path(args.data) / name)]
-            cfg.model.data[split].max_seq_length = 64
+            cfg.model.data[split].max_seq_length = args.max_seq_length
             cfg.model.data[split].memmap_workers = 1
             cfg.model.data[split].shuffle = False
         cfg.model.data.validation_ds.names = ["validation"]
@@ -126,9 +129,9 @@ def main() -> None:
         from nemo_tiedlora.nemo.adapter_io import save_adapter
 
         save_adapter(model, args.save_adapter)
-    from nemo_tiedlora.nemo.peft import _model_chunks
+    from nemo_tiedlora.nemo.walk import model_chunks
 
-    checked = check_replicas(_model_chunks(model))
+    checked = check_replicas(model_chunks(model))
     state = gather_adapter_state(model)
     from nemo_tiedlora.parallel import STATS
 
@@ -144,13 +147,24 @@ def write_logits(trainer, model, out: str) -> None:
     """Validate on one batch; the output layer's logits (gathered over TP) go to `out` from one rank."""
     from megatron.core import parallel_state
 
-    captured = []
+    captured, input_ids = [], []
     hook = None
     module = model.model[-1] if isinstance(model.model, list) else model.model
+    first = model.model[0] if isinstance(model.model, list) else model.model
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         hook = module.output_layer.register_forward_hook(
             lambda _module, _inputs, output: captured.append(output[0].detach().clone()) if not captured else None)
+
+    def keep_ids(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and not input_ids:
+            input_ids.append(ids.detach().clone())
+
+    ids_hook = first.register_forward_pre_hook(keep_ids, with_kwargs=True)
     trainer.validate(model)
+    ids_hook.remove()
+    if torch.distributed.get_rank() == 0 and input_ids:
+        torch.save(input_ids[0], f"{out}.input_ids.pt")
     if hook is not None:
         hook.remove()
         logits = captured[0]

