@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="Tied-LoRA: weight-tied low-rank adapters for NVIDIA NeMo and Megatron",
     packages=find_packages(include=["nemo_tiedlora", "nemo_tiedlora.*"]),
-    package_data={"nemo_tiedlora": ["conf/*.yaml"]},
+    # the study configs and the entry scripts' hydra YAML travel with the package (a wheel runs what a checkout runs)
+    package_data={"nemo_tiedlora": ["conf/*.yaml", "scripts/conf/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[],  # torch, nemo_toolkit, megatron-core: see requirements/ (kept out so containers keep theirs)
     extras_require={"export": ["safetensors", "peft", "transformers"]},

@@ -18,16 +18,16 @@ import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from nemo_tiedlora.tools.runner import run_checked, run_logged
+
 CONFIGS = ("base", "lora", "vera", "tl5", "tl6")
 _BUILD_PREFIX = ".base-build-"  # temporary folder of the base being built, inside --work
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _measure(config: str, *, base: Path, data: Path, rank: int, steps: int, batch: int, work: Path) -> dict[str, Any]:
@@ -186,10 +186,9 @@ def cached_base(work: Path, data: Any) -> Path:
     try:
         print(f"pre-training the tiny base ({BaseSpec().steps} steps, once; cached as {base}; log {work / 'base.log'})",
               file=sys.stderr, flush=True)
-        with open(work / "base.log", "w") as log:  # the progress bar is on stderr, NeMo's log lines on stdout
-            subprocess.run([sys.executable, "-m", "nemo_tiedlora.demo.base_model", "--out", str(build / base.name),
-                            "--corpus", str(data.corpus), "--tokenizer", str(data.tokenizer_model)], check=True,
-                           stdout=log)
+        run_logged([sys.executable, "-m", "nemo_tiedlora.demo.base_model", "--out", str(build / base.name),
+                    "--corpus", str(data.corpus), "--tokenizer", str(data.tokenizer_model)], log=work / "base.log",
+                   title="pre-train the tiny base")
         os.replace(build / base.name, base)
         os.replace(build / manifest.name, manifest)  # last: a manifest means a complete base
     finally:
@@ -214,11 +213,10 @@ def run(*, out: Path, rank: int = 8, steps: int = 30, batch: int = 8, work: Path
     for config in tqdm([c for _ in range(rounds) for c in CONFIGS], desc="benchmark runs"):
         command = [sys.executable, "-m", "nemo_tiedlora.bench", config, "--base", str(base), "--data", str(work / "data"),
                    "--rank", str(rank), "--steps", str(steps), "--batch", str(batch), "--work", str(work)]
-        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        done = run_checked(command, what=f"benchmark of {config}")
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            raise RuntimeError(f"benchmark of {config} failed:\n{done.stderr[-3000:]}")
+        if not lines:
+            raise RuntimeError(f"benchmark of {config} printed no result line:\n{done.stdout[-3000:]}")
         row = json.loads(lines[-1])
         medians = best.get(config, {}).get("round_medians_s", []) + [row["median_step_s"]]
         if config not in best or row["median_step_s"] < best[config]["median_step_s"]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from nemo_tiedlora.demo import extraction, smollm2
 from nemo_tiedlora.demo.run import DemoSettings, evaluate, finetune
+from nemo_tiedlora.tools.runner import run_checked
 
 # SmolLM2's own chat format (its GGUF chat template with the default system turn) as NeMo's SFT prompt template.
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -52,10 +52,7 @@ def _export(adapter: Path, base: Path, work: Path) -> tuple[Path, Path]:
     command = [sys.executable, "-m", "nemo_tiedlora", "export", "--adapter", str(adapter), "--base", str(base),
                "--format", "hf-peft", "--out", str(out), "--base-out", str(base_out), "--overwrite"]
     print(f"\n== export to Hugging Face PEFT\n   {' '.join(command[1:4])} ...", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if result.returncode != 0:
-        raise RuntimeError(f"export failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n"
-                           f"{result.stderr[-2000:]}")
+    run_checked(command, what="export")
     _hf_tokenizer_files(base, base_out)
     return out, base_out
 

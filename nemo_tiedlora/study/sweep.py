@@ -195,7 +195,8 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
         "lr) of a study config through NeMo's entry scripts; write results.csv and results.json (resumable). "
         "Example config: conf/study.yaml.",
     )
-    parser.add_argument("--config", required=True, type=Path, help="study YAML (see conf/study.yaml)")
+    parser.add_argument("--config", required=True, type=Path,
+                        help="study YAML, or the name of a shipped one: study (conf/study.yaml), study_smollm2")
     parser.add_argument("--output", type=Path, help="override the config's output folder")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and list the runs, run nothing")
     parser.add_argument("--verbose", action="store_true", help="echo the entry scripts' progress lines")

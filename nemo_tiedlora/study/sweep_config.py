@@ -126,6 +126,25 @@ def _as_list(value: Any) -> list[Any] | None:
     return [value]  # a single value means a one-element list
 
 
+PACKAGED = Path(__file__).resolve().parents[1] / "conf"  # the shipped examples: study.yaml, study_smollm2.yaml
+
+
+def packaged_config(name: Path) -> Path:
+    """A study config shipped with the package, by name (``study``, ``study_smollm2``; in a checkout also found as
+    ``conf/<name>.yaml``), so an installed wheel runs the examples as a checkout does.
+
+    Raises:
+        SweepConfigError: no such file and no shipped config of that name (the shipped ones listed).
+    """
+    stem = Path(name).name.removesuffix(".yaml")
+    candidate = PACKAGED / f"{stem}.yaml"
+    if candidate.is_file() and stem.startswith("study"):
+        return candidate
+    shipped = ", ".join(sorted(p.stem for p in PACKAGED.glob("study*.yaml")))
+    raise SweepConfigError(f"{name}: no such study config; give a YAML file (copy conf/study.yaml and edit it) or the "
+                           f"name of a shipped one ({shipped})")
+
+
 def load_config(path: Path, *, output: Path | None = None) -> SweepConfig:
     """Read and validate a study YAML; ``output`` overrides its ``output``.
 
@@ -136,7 +155,7 @@ def load_config(path: Path, *, output: Path | None = None) -> SweepConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise SweepConfigError(f"{path}: no such study config; copy conf/study.yaml and edit it")
+        path = packaged_config(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

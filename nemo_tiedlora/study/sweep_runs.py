@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_tiedlora.study.child import PID_FILE, claim_run_folder, run_logged
+from nemo_tiedlora.study.child import PID_FILE, claim_run_folder
+from nemo_tiedlora.tools.runner import entry_script, run_logged
 from nemo_tiedlora.study.sweep_config import EMBEDDED, SAMPLE, SMOLLM2, SweepConfig
 from nemo_tiedlora.study.sweep_results import RunSpec, base_shape, fingerprint, trainable_params
 
@@ -95,12 +96,10 @@ def prepare_context(cfg: SweepConfig, *, verbose: bool = False) -> SweepContext:
 
 def finetune_args(spec: RunSpec, ctx: SweepContext, *, exp_dir: Path) -> list[str]:
     """The hydra command line of ``megatron_gpt_finetuning.py`` for one run."""
-    from nemo_tiedlora.demo.run import _script
-
     t, e = ctx.cfg.training, ctx.cfg.early_stopping
     args = [
         sys.executable,
-        str(_script("megatron_gpt_finetuning.py")),
+        str(entry_script("megatron_gpt_finetuning.py")),
         f"model.restore_from_path={ctx.base}",
         "model.peft.peft_scheme=tiedlora",
         f"model.peft.tiedlora_tuning.preset={spec.preset}",
@@ -147,13 +146,11 @@ def template_overrides(ctx: SweepContext, *splits: str) -> list[str]:
 
 def generate_args(ctx: SweepContext, *, adapter: Path, prefix: Path) -> list[str]:
     """The hydra command line of ``megatron_gpt_generate.py`` on the test split with ``adapter``."""
-    from nemo_tiedlora.demo.run import _script
-
     g = ctx.cfg.generation
     length = g.max_seq_length or ctx.cfg.training.max_seq_length
     return [
         sys.executable,
-        str(_script("megatron_gpt_generate.py")),
+        str(entry_script("megatron_gpt_generate.py")),
         f"model.restore_from_path={ctx.base}",
         f"model.peft.restore_from_path={adapter}",
         "trainer.accelerator=cpu",

@@ -52,11 +52,12 @@ def test_base_row_shows_no_adapter_memory():
 
 
 def _fake_builder(monkeypatch, *, interrupt: bool):
-    """Stands in for `python -m nemo_tiedlora.demo.base_model --out X`: stages model_weights/ next to X like NeMo's
+    """Stands in for the runner running `python -m nemo_tiedlora.demo.base_model --out X`: stages model_weights/ next to X like NeMo's
     save_to, then either stops (Ctrl-C) or writes X and its manifest."""
     calls = []
 
-    def fake_run(command, **kwargs):
+    def fake_run(command, *, log, **kwargs):
+        Path(log).write_text("")  # the runner writes the child's output there
         out = Path(command[command.index("--out") + 1])
         calls.append(out)
         (out.parent / "model_weights").mkdir()
@@ -66,7 +67,7 @@ def _fake_builder(monkeypatch, *, interrupt: bool):
         out.with_suffix(".json").write_text(json.dumps({"fingerprint": "F"}))
         (out.parent / "model_weights").rmdir()
 
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "run_logged", fake_run)
     monkeypatch.setattr("nemo_tiedlora.demo.base_model._fingerprint", lambda *args: "F")
     return calls
 

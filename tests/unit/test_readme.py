@@ -231,11 +231,17 @@ def _resolve_script(token: str) -> Path | None:
 
 
 def _hydra_config_name(script: Path) -> tuple[Path, str] | None:
-    """(config dir, config name) of a ``@hydra_runner(config_path=..., config_name=...)`` script, else None."""
+    """(config dir, config name) of a ``@hydra_runner(config_path=..., config_name=...)`` script, else None; a script
+    that runs a packaged one (``runpy.run_module("nemo_tiedlora.scripts.x")``) is followed to that module."""
+    import importlib.util
+
     for node in ast.walk(ast.parse(script.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "hydra_runner":
+        name = getattr(node.func, "id", getattr(node.func, "attr", "")) if isinstance(node, ast.Call) else ""
+        if name == "hydra_runner":
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
             return script.parent / kwargs["config_path"], kwargs["config_name"]
+        if name == "run_module":
+            return _hydra_config_name(Path(importlib.util.find_spec(ast.literal_eval(node.args[0])).origin))
     return None
 
 

@@ -325,7 +325,7 @@ def test_finetune_command_carries_early_stopping_and_budget(tmp_path):
                        sft={"train": Path("/d/train.jsonl"), "validation": Path("/d/validation.jsonl"),
                             "test": Path("/d/test.jsonl")}, source=tmp_path, out=tmp_path, fingerprint="x")
     args = sweep.finetune_args(RunSpec("squad", "tl6", 8, 0.01), ctx, exp_dir=tmp_path / "runs")
-    assert args[1].endswith("examples/nlp/language_modeling/tuning/megatron_gpt_finetuning.py")
+    assert args[1].endswith("nemo_tiedlora/scripts/megatron_gpt_finetuning.py")  # the packaged entry script
     for expected in (
         "model.restore_from_path=/b/base.nemo",
         "model.peft.peft_scheme=tiedlora",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tiedlora.study import child as child_mod
+from nemo_tiedlora.tools import runner as runner_mod
 from nemo_tiedlora.study.child import PID_FILE, RunFolderBusy, claim_run_folder
 from nemo_tiedlora.study.sweep import RunSpec, SweepContext, finetune_args, parse_config, training_record
 from tests.processes import process_gone
@@ -101,7 +101,7 @@ def _parent_script(tmp_path: Path) -> Path:
     script.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from nemo_tiedlora.study.child import run_logged
+        from nemo_tiedlora.tools.runner import run_logged
         try:
             run_logged([sys.executable, "-c", {_CHILD!r}, "name=run_x"], log=Path({str(tmp_path / 'child.log')!r}),
                        title="child", pid_file=Path({str(tmp_path / 'run' / PID_FILE)!r}), marker="name=run_x")
@@ -184,5 +184,5 @@ def test_stop_group_escalates_to_sigkill(tmp_path):
          "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert stubborn.stdout.readline().strip() == "ready"
     started = time.time()
-    child_mod.stop_group(stubborn, grace=1.0)
+    runner_mod.stop_group(stubborn, grace=1.0)
     assert stubborn.returncode == -signal.SIGKILL and time.time() - started < 10

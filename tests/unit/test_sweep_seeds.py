@@ -168,3 +168,11 @@ def test_extraction_sample_is_the_demo_data_and_round_trips(tmp_path):
     assert [r["input"] for r in records] == [r["input"] for r in demo_rows]
     assert [r["output"] for r in records] == [r["output"] for r in demo_rows]
     assert len(records) == 48 and len(sft["train"].read_text().splitlines()) == 1200
+
+
+def test_shipped_study_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: as from an installed wheel
+    assert sweep.load_config(Path("study")).task == "homes"
+    assert sweep.load_config(Path("study_smollm2.yaml")).task == "extraction"
+    with pytest.raises(SweepConfigError, match=r"nope.yaml: no such study config; .*study, study_smollm2"):
+        sweep.load_config(Path("nope.yaml"))
