@@ -110,20 +110,12 @@ def trainable_params(shape: Mapping[str, int], preset: str, rank: int) -> int:
 
 
 def base_shape(base: Path) -> dict[str, int]:
-    """hidden size, layers and fused-QKV width of a base .nemo, from its ``model_config.yaml`` (no NeMo import)."""
-    from nemo_tiedlora.functional import qkv_out_width
+    """The shape of a base .nemo (:func:`nemo_tiedlora.shape.model_shape` of its ``model_config.yaml``; the archive
+    reader imports no NeMo)."""
     from nemo_tiedlora.nemo.base_io import base_config
+    from nemo_tiedlora.shape import model_shape
 
-    cfg = base_config(base)
-    heads = int(cfg.num_attention_heads)
-    groups = int(cfg.get("num_query_groups", None) or heads)
-    kv_channels = cfg.get("kv_channels", None)
-    hidden = int(cfg.hidden_size)
-    return {
-        "hidden_size": hidden,
-        "num_layers": int(cfg.num_layers),
-        "out_features": qkv_out_width(hidden, heads, groups, int(kv_channels) if kv_channels else None),
-    }
+    return model_shape(base_config(base))
 
 
 def _finite(value: Any) -> float | None:
