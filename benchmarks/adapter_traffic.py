@@ -52,7 +52,7 @@ def main() -> None:
     from nemo_tiedlora.functional import qkv_out_width, tied_lora_update
     from nemo_tiedlora.nemo.adapters import TiedLoraLayerAdapter, TiedLoraQKV, TiedLoraSharedAdapter
     from nemo_tiedlora.nemo import compat
-    from nemo_tiedlora.nemo.compat import ensure_process_groups
+    from nemo_tiedlora.nemo.launch import ensure_process_groups
     from nemo_tiedlora.nemo.launch import finish_distributed
 
     compat.apply()  # the CPU fixes (RNG, device) megatron needs here

@@ -43,7 +43,7 @@ def _build(seq: int, rank: int):
     from nemo_tiedlora.functional import qkv_out_width, tied_lora_update
     from nemo_tiedlora.nemo import compat
     from nemo_tiedlora.nemo.adapters import TiedLoraLayerAdapter, TiedLoraQKV, TiedLoraSharedAdapter
-    from nemo_tiedlora.nemo.compat import ensure_process_groups
+    from nemo_tiedlora.nemo.launch import ensure_process_groups
 
     class ReferenceLayer(TiedLoraLayerAdapter):
         """tl6 through the plain composition of torch ops (what ran before the fused functions)."""

@@ -1,7 +1,10 @@
 """Tied-LoRA (arXiv 2311.09578 v2) parameter-efficient fine-tuning for NVIDIA NeMo and Megatron.
 
 `import nemo_tiedlora` registers the `tiedlora` PEFT scheme with NeMo (lazily: NeMo is imported only by code that
-uses it). The pure-torch core (`config`, `functional`, `modules`) needs torch alone.
+uses it; the entry is in ``PEFT_CONFIG_MAP`` as soon as ``nemo.collections.nlp.parts.peft_config`` is imported).
+Layers, each importing only from those before it: the pure-torch core (`config`, `functional`, `modules`, `shape`,
+...: torch alone), the NeMo glue (`nemo_tiedlora.nemo`), the tools (`nemo_tiedlora.tools`), the applications
+(`cli`, `demo`, `study`, `bench`); `tests/unit/test_layers.py` checks it.
 """
 
 from nemo_tiedlora._autoregister import install as _install_nemo_registration

@@ -1,6 +1,6 @@
 """Gradient anomalies: a NaN/Inf in an adapter gradient stops the run before the optimizer step applies it.
 
-`check_finite_grads` runs once per optimizer step after the adapter's TP/PP sums (nemo_tiedlora.nemo.peft), on the
+`check_finite_grads` runs once per optimizer step after the adapter's TP/PP sums (nemo_tiedlora.nemo.grad_hooks), on the
 adapter's own parameters only (a few tensors: no measurable cost). Every rank takes the same decision (one
 all-reduce of a flag over the world group), so the whole job stops with the same error instead of one rank
 leaving the others waiting in a collective. Nothing is written: the checkpoint callback and the end-of-training

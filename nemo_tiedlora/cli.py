@@ -254,7 +254,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _add_compat(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "compat", help="list the NeMo/megatron-core compatibility fixes and which apply on this machine"
+        "compat", help="list every runtime replacement of a NeMo/megatron-core/torch function (fixes of upstream "
+        "defects and Tied-LoRA's hooks): target, kind, scope, reason, and whether it is needed and installed here"
     )
     parser.set_defaults(handler=_run_compat)
 
@@ -263,7 +264,7 @@ def _run_compat(args: argparse.Namespace) -> int:
     from nemo_tiedlora.nemo import compat
 
     compat.apply()
-    print(compat.describe())
+    print(compat.describe(), end="")
     return 0
 
 

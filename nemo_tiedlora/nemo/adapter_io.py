@@ -1,15 +1,18 @@
-"""NeMo's save/load flows for Tied-LoRA adapters, in the TP/PP-independent archive of `nemo_tiedlora.checkpoint`.
+"""NeMo's save/load flows for Tied-LoRA adapters (nemo glue layer), in the TP/PP-independent archive of
+`nemo_tiedlora.checkpoint`.
 
-`install()` routes, for models that carry Tied-LoRA adapters, `model.save_to(path)` (what exp_manager calls to
-write the adapter .nemo) to `save_adapter`, and `model.load_adapters(path)` (the finetuning and generation scripts'
-`model.peft.restore_from_path`) to `load_adapter` when `path` is such an archive. Other schemes are untouched.
+For models that carry Tied-LoRA adapters, `model.save_to(path)` (what exp_manager calls to write the adapter .nemo)
+goes to `save_adapter`, and `model.load_adapters(path)` (the finetuning and generation scripts'
+`model.peft.restore_from_path`) to `load_adapter` when `path` is such an archive. Other schemes are untouched. The
+two replacements are installed through `nemo_tiedlora.nemo.compat` (entries `tiedlora-load-adapters`,
+`tiedlora-save-to`).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,11 +20,16 @@ from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModel
 from omegaconf import OmegaConf
 
 from nemo_tiedlora.checkpoint import check_base_shape, is_tiedlora_archive, load_archive, save_archive
+from nemo_tiedlora.errors import TiedLoraCheckpointError
 from nemo_tiedlora.merge import layer_key
 from nemo_tiedlora.modules import PARAM_NAMES
+from nemo_tiedlora.nemo.compat.patch import HOOK_MARK, marked, wrap_once
+from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
+from nemo_tiedlora.nemo.state import gather_adapter_state
+from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
+from nemo_tiedlora.shape import model_shape
 
 logger = logging.getLogger("nemo_tiedlora")
-
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -29,9 +37,6 @@ def _rank() -> int:
 
 def save_adapter(model: Any, path: str | Path, *, overwrite: bool = True) -> Path:
     """Gather the adapter state from all ranks (collective) and write the archive on global rank 0."""
-    from nemo_tiedlora.nemo.peft import model_shape
-    from nemo_tiedlora.nemo.state import gather_adapter_state
-
     peft_cfg = model._tiedlora_peft_cfg
     tensors = gather_adapter_state(model)
     path = Path(path)
@@ -52,19 +57,15 @@ def save_adapter(model: Any, path: str | Path, *, overwrite: bool = True) -> Pat
 
 def load_adapter(model: Any, path: str | Path) -> None:
     """Add the archive's adapter to `model` (any TP/PP) and load its tensors into this rank's replicas."""
-    from nemo_tiedlora.nemo.peft import (
-        TiedLoraPEFTConfig,
-        iter_layer_adapters,
-        iter_shared_adapters,
-        model_shape,
-    )
-
     archive = load_archive(Path(path))
     check_base_shape(archive.shape, model_shape(model.cfg))
     if getattr(model, "_tiedlora_peft_cfg", None) is None:
         model.add_adapter(TiedLoraPEFTConfig(model.cfg, tiedlora=archive.config))
     elif model._tiedlora_peft_cfg.tiedlora != archive.config:
-        raise RuntimeError(f"the model already carries a different Tied-LoRA adapter than {path}")
+        raise TiedLoraCheckpointError(
+            f"the model already carries a different Tied-LoRA adapter than {path}: load it into a model without "
+            "one (a fresh restore of the base)"
+        )
     with torch.no_grad():
         for shared in iter_shared_adapters(model):
             for factor in ("A", "B"):
@@ -76,30 +77,32 @@ def load_adapter(model: Any, path: str | Path) -> None:
     logger.info("loaded Tied-LoRA adapter %s (%s, rank %d)", path, archive.config.preset, archive.config.rank)
 
 
-def adapter_model_config(path: str | Path) -> Optional[Any]:
-    """The NeMo model config stored in an adapter archive (None if it has none)."""
-    archive = load_archive(Path(path))
-    return OmegaConf.create(archive.model_config_yaml) if archive.model_config_yaml else None
+def wrap_load_adapters(original: Callable) -> Callable:
+    """NLPAdapterModelMixin.load_adapters that reads a Tied-LoRA archive itself (any other file: NeMo's)."""
+    def load_adapters(self, filepath: str, peft_cfgs: Any = None, map_location: Optional[str] = None):
+        if str(filepath).endswith(".nemo") and is_tiedlora_archive(Path(filepath)):
+            return load_adapter(self, filepath)
+        return original(self, filepath, peft_cfgs, map_location)
+
+    return marked(load_adapters, original)
 
 
-_ORIGINAL_LOAD_ADAPTERS = NLPAdapterModelMixin.load_adapters
-
-
-def _load_adapters(self, filepath: str, peft_cfgs: Any = None, map_location: Optional[str] = None):
-    if str(filepath).endswith(".nemo") and is_tiedlora_archive(Path(filepath)):
-        return load_adapter(self, filepath)
-    return _ORIGINAL_LOAD_ADAPTERS(self, filepath, peft_cfgs, map_location)
-
-
-def _save_to(self, save_path: str):
+def save_to(self, save_path: str):
+    """A Tied-LoRA PEFT model's save_to writes the adapter archive; any other model: NeMo's save_to (ModelPT's)."""
     if getattr(self, "_tiedlora_peft_cfg", None) is not None and getattr(self, "use_peft", False):
         return save_adapter(self, save_path)
     return super(NLPAdapterModelMixin, self).save_to(save_path)
 
 
-def install() -> None:
-    """Route NeMo's adapter save/load to the archive for Tied-LoRA models (idempotent)."""
-    if NLPAdapterModelMixin.load_adapters is not _load_adapters:
-        NLPAdapterModelMixin.load_adapters = _load_adapters
-    if getattr(NLPAdapterModelMixin, "save_to", None) is not _save_to:
-        NLPAdapterModelMixin.save_to = _save_to
+setattr(save_to, HOOK_MARK, True)
+
+
+def install_load_adapters() -> None:
+    """Route NLPAdapterModelMixin.load_adapters to `load_adapter` for Tied-LoRA archives (idempotent)."""
+    wrap_once(NLPAdapterModelMixin, "load_adapters", wrap_load_adapters)
+
+
+def install_save_to() -> None:
+    """Give NLPAdapterModelMixin a save_to that writes the archive for Tied-LoRA models (idempotent)."""
+    if getattr(NLPAdapterModelMixin, "save_to", None) is not save_to:
+        NLPAdapterModelMixin.save_to = save_to

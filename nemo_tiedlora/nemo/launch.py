@@ -1,9 +1,10 @@
-"""Multi-process launch for the entry scripts.
+"""Multi-process launch for the entry scripts (nemo glue layer): relaunch, process groups, timeouts, exit.
 
 megatron-core 0.13 needs every rank's process groups before NeMo builds the model, while Lightning's own launcher
 starts the other ranks only later, inside `trainer.fit`. So a single-node run with `trainer.devices=N > 1` that was
 not started by torchrun (or SLURM) re-executes itself under `torch.distributed.run` with N processes: the same
-command line, the launcher NeMo users already use for multi-node runs.
+command line, the launcher NeMo users already use for multi-node runs; `ensure_process_groups` creates the real
+groups (called by the compat fix `real-process-groups` when NeMo initializes model parallelism, and by benchmarks).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def user_errors() -> Iterator[None]:
         sys.stdout.flush()
         rank = os.environ.get("RANK")
         prefix = f"rank {rank}: " if rank not in (None, "0") else ""
-        print(f"error: {prefix}{' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        # the entry script's last line, as the user reads it: not a log record (no logger prefix or handler)
+        sys.stderr.write(f"error: {prefix}{' '.join(str(error).split())}\n")
+        sys.stderr.flush()
         raise SystemExit(2) from None
 
 
@@ -99,3 +102,60 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def ensure_process_groups(
+    *,
+    world_size: int,
+    global_rank: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+) -> None:
+    """Create the real torch.distributed and megatron-core groups before NeMo builds the model.
+
+    megatron-core 0.13 modules read their process groups at construction, while NeMo 1.x only *fakes* the
+    model-parallel init there and creates the groups later in ``NLPDDPStrategy.setup_distributed`` (which skips
+    them when they already exist). Launch multi-process runs with torchrun (or SLURM), so every rank exists now.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    timeout = dist_timeout()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A private port, not exported: child processes (e.g. a script this one launches) must not inherit it.
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            init_method = "env://"
+        # A bounded wait for a lost rank (dist_timeout; torch's default is 30 minutes).
+        dist.init_process_group(backend=backend, init_method=init_method, rank=global_rank, world_size=world_size,
+                                timeout=timeout)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            distributed_timeout_minutes=int(max(1, timeout.total_seconds() // 60)),
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+        )
+        model_parallel_cuda_manual_seed(seed)
+        # NLPDDPStrategy.setup_distributed skips NeMo's init_model_parallel once the groups exist, and with it
+        # the AppState fields it fills in; checkpoint saving reads them (data_parallel_rank == 0 saves).
+        from nemo.utils import AppState
+
+        app_state = AppState()
+        app_state.tensor_model_parallel_group = parallel_state.get_tensor_model_parallel_group()
+        app_state.data_parallel_group = parallel_state.get_data_parallel_group()
+        app_state.data_parallel_rank = parallel_state.get_data_parallel_rank()
+        app_state.data_parallel_size = parallel_state.get_data_parallel_world_size()
+        app_state.pipeline_model_parallel_group = parallel_state.get_pipeline_model_parallel_group()

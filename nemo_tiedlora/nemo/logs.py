@@ -1,4 +1,4 @@
-"""Logs a user reads: our own lines at INFO, NeMo's known-harmless config warnings summarized once.
+"""Logs a user reads (nemo glue layer): our own lines at INFO, NeMo's known-harmless config warnings summarized once.
 
 NeMo 2.4.1 builds megatron-core's ``ModelParallelConfig`` and ``TransformerConfig`` field by field from the model
 config and warns, one line per field, about every field the config does not set ("The model: ... does not have
@@ -6,8 +6,9 @@ field.name: X in its cfg. Add this key to cfg or config_mapping ..."): about 200
 harmless (megatron-core's default applies). :func:`install`:
 
 - adds a filter to NeMo's logger (``nemo_logger``) that holds those warnings back; once a model's configs are built
-  (after ``MegatronBaseModel.build_transformer_config``) one INFO line says "N config keys not used by this model" and the full list
-  goes to DEBUG; keys already reported in this process are not reported again;
+  (after ``MegatronBaseModel.build_transformer_config``, hooked by :func:`install_flush_hook`) one INFO line says
+  "N config keys not used by this model" and the full list goes to DEBUG; keys already reported in this process
+  are not reported again;
 - sends the ``nemo_tiedlora`` logger's records (parameter summary, replica checks, adapter written, resume) at INFO
   through NeMo's handlers, so they appear on rank 0's console and in exp_manager's log files like NeMo's own lines,
   in every command (entry scripts and ``python -m nemo_tiedlora ...``).
@@ -110,7 +111,8 @@ def _flush_after(original: Any) -> Any:
 
 
 def install() -> None:
-    """Filter NeMo's config-key warnings and route our logger through NeMo's handlers (idempotent)."""
+    """Filter NeMo's config-key warnings and route our logger through NeMo's handlers (idempotent). The flush after
+    each model's configs are built is a hook in `nemo_tiedlora.nemo.compat` (`log-unused-config-keys`)."""
     nemo_logger = logging.getLogger(NEMO_LOGGER)
     if _FILTER not in nemo_logger.filters:
         nemo_logger.addFilter(_FILTER)
@@ -119,10 +121,15 @@ def install() -> None:
         logger.propagate = False  # one copy of each line (hydra's root handler would print it again)
         atexit.register(_FILTER.flush)
     logger.setLevel(_level())
+
+
+def install_flush_hook() -> None:
+    """Report the held-back keys once a model's configs are built (idempotent).
+
+    The per-field warnings come from building the parallel and transformer configs; the transformer config (which
+    builds the parallel one again) is the last of them in a model's construction."""
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
 
-    # The per-field warnings come from building the parallel and transformer configs; the transformer config
-    # (which builds the parallel one again) is the last of them in a model's construction.
     original = MegatronBaseModel.build_transformer_config
     if not getattr(original, "_nemo_tiedlora", False):
         MegatronBaseModel.build_transformer_config = _flush_after(original)

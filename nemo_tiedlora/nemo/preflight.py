@@ -33,7 +33,8 @@ def check_before_launch(cfg: DictConfig, *, training: bool) -> None:
     base = cfg.model.get("restore_from_path")
     base_cfg = read_model_config(Path(base), what="model.restore_from_path") if base else None
     if base_cfg is not None and cfg.model.get("peft", {}).get("peft_scheme") == "tiedlora":
-        from nemo_tiedlora.nemo.peft import check_parallel_layout, model_shape
+        from nemo_tiedlora.nemo.peft import check_parallel_layout
+        from nemo_tiedlora.shape import model_shape
 
         check_parallel_layout(cfg.model, model_shape(base_cfg))
     adapter = cfg.model.get("peft", {}).get("restore_from_path")

@@ -1,4 +1,5 @@
-"""The adapter's logical state, independent of TP/PP: A and B once, u_l and v_l (and untied A_l, B_l) by global layer.
+"""The adapter's logical state (nemo glue layer), independent of TP/PP: A and B once, u_l and v_l (and untied
+A_l, B_l) by global layer.
 
 `gather_adapter_state` assembles it on every rank from the replicas spread over pipeline stages (TP ranks hold
 identical replicas, so any TP rank's copy is the logical tensor).
@@ -13,12 +14,11 @@ import torch.distributed as dist
 
 from nemo_tiedlora.merge import layer_key
 from nemo_tiedlora.modules import FACTOR_OF_PARAM
+from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
 
 
 def local_adapter_state(model: Any) -> dict[str, torch.Tensor]:
     """This rank's adapter tensors under logical keys: 'A', 'B' (tied) and 'layers.<n>.<factor>' (n global, 1-based)."""
-    from nemo_tiedlora.nemo.peft import iter_layer_adapters, iter_shared_adapters
-
     state: dict[str, torch.Tensor] = {}
     for shared in list(iter_shared_adapters(model))[:1]:
         for name, param in shared.named_parameters(recurse=False):

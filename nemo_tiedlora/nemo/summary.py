@@ -1,4 +1,5 @@
-"""Trainable-parameter accounting of an instantiated Tied-LoRA model, logged by rank 0 when adapters are added."""
+"""Trainable-parameter accounting of an instantiated Tied-LoRA model (nemo glue layer), logged by rank 0 when
+adapters are added."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from nemo_tiedlora.functional import lora_parameter_count, parameter_counts
 from nemo_tiedlora.modules import FACTOR_OF_PARAM
+from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
 
 logger = logging.getLogger("nemo_tiedlora")
 
@@ -35,8 +37,6 @@ def instantiated_counts(model: Any) -> dict[str, int]:
     Shared A and B are counted once (every rank and chunk holds a replica); per-layer tensors are counted on the
     stage that owns the layer and summed over the pipeline group. TP ranks hold identical replicas: counted once.
     """
-    from nemo_tiedlora.nemo.peft import iter_layer_adapters, iter_shared_adapters
-
     counts = dict.fromkeys(FACTORS, 0)
     for _, adapter in iter_layer_adapters(model):
         for name, param in adapter.named_parameters(recurse=False):

@@ -55,7 +55,7 @@ def test_te_fused_layernorm_input():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from nemo_tiedlora.config import TiedLoraConfig
-    from nemo_tiedlora.nemo.compat import ensure_process_groups
+    from nemo_tiedlora.nemo.launch import ensure_process_groups
     from nemo_tiedlora.nemo.adapters import TiedLoraLayerAdapter, TiedLoraQKV, TiedLoraSharedAdapter
 
     ensure_process_groups(world_size=1, global_rank=0)

@@ -56,7 +56,7 @@ def test_hf_llama_plus_peft_reproduces_nemo_logits(tuning, tiny, tmp_path):
 
     from nemo_tiedlora.hf_export import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
     from nemo_tiedlora.merge import per_layer_lora
-    from nemo_tiedlora.nemo.peft import iter_layer_adapters, iter_shared_adapters
+    from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
     from nemo_tiedlora.nemo.state import local_adapter_state
 
     _, _, spec = tiny

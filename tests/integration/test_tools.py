@@ -26,7 +26,7 @@ def trained(tiny, tmp_path_factory):
     """(base, adapter archive, adapter-model logits, tokens, positions, factors) with random factors, alpha=8, r=4."""
     from nemo_tiedlora.nemo.adapter_io import save_adapter
     from nemo_tiedlora.nemo.finetune import build
-    from nemo_tiedlora.nemo.peft import iter_layer_adapters
+    from nemo_tiedlora.nemo.walk import iter_layer_adapters
 
     base, data, spec = tiny
     work = tmp_path_factory.mktemp("tools")

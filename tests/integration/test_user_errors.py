@@ -49,7 +49,7 @@ def adapter(tiny, tmp_path_factory) -> Path:
     """A Tied-LoRA archive for the tiny base (random factors; only its bytes matter here)."""
     from nemo_tiedlora.checkpoint import expected_shapes, save_archive
     from nemo_tiedlora.config import TiedLoraConfig
-    from nemo_tiedlora.nemo.peft import model_shape
+    from nemo_tiedlora.shape import model_shape
     from nemo_tiedlora.nemo.preflight import read_model_config
 
     base, _, _ = tiny
