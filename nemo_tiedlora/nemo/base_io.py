@@ -356,6 +356,8 @@ def write_dist(base: BaseCheckpoint, out: Path, layout: Layout, *, vocab_size: O
         model = restore_base(tp1)
         if dtype is not None and dtype != torch.float32:
             model = model.to(dtype)
+            with open_dict(model.cfg):  # the restore on CPU said fp32; the archive's config says what it holds
+                model.cfg.precision = {torch.bfloat16: "bf16", torch.float16: 16}[dtype]
         return save_with_layout(model, layout, out)
 
 

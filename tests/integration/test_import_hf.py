@@ -116,6 +116,37 @@ def test_sharded_checkpoint_in_bf16_legacy_tp2(tmp_path):
         import_hf(tmp_path / "hf", tmp_path / "again.nemo")
 
 
+def test_bf16_distributed_checkpoint_holds_the_source_in_bf16(tmp_path):
+    """--dtype bf16 --format dist: NeMo writes the distributed checkpoint in bf16 (the checkpoint's own metadata says
+    so); restored and exported it holds exactly the source tensors rounded to bf16, and the config says bf16."""
+    from safetensors.torch import load_file
+
+    from nemo_tiedlora.hf_export import nemo_gpt_to_hf_llama
+    from nemo_tiedlora.nemo.base_io import base_config, read_base
+    from nemo_tiedlora.tools.import_hf import import_hf
+
+    build_tiny("llama", tmp_path / "hf")
+    out = import_hf(tmp_path / "hf", tmp_path / "base.nemo", fmt="dist", dtype="bf16")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with tarfile.open(out) as tar:
+        names = [m.name.lstrip("./") for m in tar.getmembers()]
+        assert any(name.startswith("model_weights/") for name in names)  # distributed, not per-rank shards
+        assert not any(name.endswith("model_weights.ckpt") for name in names)
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    stored = FileSystemReader(str(tmp_path / "unpacked" / "model_weights")).read_metadata().state_dict_metadata
+    weights = {key: meta.properties.dtype for key, meta in stored.items() if hasattr(meta, "properties")
+               and key.startswith("model.") and "_extra_state" not in key}
+    assert weights and set(weights.values()) == {torch.bfloat16}, weights  # what the files hold
+    assert str(base_config(out).precision) == "bf16"
+    checkpoint = read_base(out)  # restored by NeMo (fp32 on CPU): the bf16 values, exactly
+    exported, _ = nemo_gpt_to_hf_llama(checkpoint.state, checkpoint.cfg)
+    source = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert sorted(exported) == sorted(source)
+    for key, value in source.items():
+        assert torch.equal(exported[key].float(), value.to(torch.bfloat16).float()), key
+
+
 def test_tokenizer_travels_inside_the_archive(imported, tmp_path):
     from nemo_tiedlora.nemo.base_io import restore_base
 
