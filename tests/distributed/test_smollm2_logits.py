@@ -10,7 +10,6 @@ the batch's input ids from the first); the reference is the GGUF loaded by `tran
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
