@@ -22,6 +22,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nemo_tiedlora"
 LAYERS = ("core", "nemo", "tools", "app")
 MAX_LINES = 500
 
+# Allowed violations, each marked "TODO issue 13: <owner part>". All three sets are empty: when this test was
+# written the tools part (convert <-> nemo/tools, nemo/tools -> demo, nemo/hf_import -> demo/convert) and the
+# applications part (study -> demo's private helpers; study and demo are one layer) had already fixed theirs.
 # (importer, imported): imports that go up a layer, still to be removed.
 ALLOWED_UPWARD: set[tuple[str, str]] = set()
 # Module-level import cycles still to be broken, each as the sorted tuple of its modules.
