@@ -5,6 +5,8 @@ starts the other ranks only later, inside `trainer.fit`. So a single-node run wi
 not started by torchrun (or SLURM) re-executes itself under `torch.distributed.run` with N processes: the same
 command line, the launcher NeMo users already use for multi-node runs; `ensure_process_groups` creates the real
 groups (called by the compat fix `real-process-groups` when NeMo initializes model parallelism, and by benchmarks).
+The relaunched job runs under a small supervisor (`python -m nemo_tiedlora.nemo.launch`, stdlib only): when it
+fails, the cause one of our ranks reported (`user_errors`) is the output's last line, after torchrun's summary.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Iterator
 logger = logging.getLogger("nemo_tiedlora")
 
 TIMEOUT_ENV = "NEMO_TIEDLORA_DIST_TIMEOUT_MINUTES"
+ERROR_FILE_ENV = "NEMO_TIEDLORA_ERROR_FILE"  # set by the supervisor: ranks append their one-line cause there
 DEFAULT_TIMEOUT_MINUTES = 10
 _LAUNCHED_MARKERS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
 
@@ -44,7 +47,32 @@ def relaunch_under_torchrun_if_needed(trainer_cfg: Any) -> None:
     logger.info("trainer.devices=%d: relaunching under torchrun: %s", devices, " ".join(command))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, command)
+    # a fresh small process supervises torchrun (this one, holding NeMo, is replaced and its memory freed)
+    os.execv(sys.executable, [sys.executable, "-m", "nemo_tiedlora.nemo.launch", *command])
+
+
+def supervise(command: list[str]) -> int:
+    """Run the torchrun `command` and return its exit status; when it failed, end the output with the first cause a
+    rank reported through $NEMO_TIEDLORA_ERROR_FILE (torchrun's summary names only the failed rank and its exit
+    code). SIGTERM is passed on to torchrun (which stops the ranks); the terminal's Ctrl-C reaches torchrun and the
+    ranks directly, and the supervisor waits for them."""
+    import signal
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="nemo_tiedlora-launch-") as folder:
+        errors = Path(folder) / "errors.txt"
+        process = subprocess.Popen(command, env={**os.environ, ERROR_FILE_ENV: str(errors)})
+        signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        code = process.wait()
+        causes = errors.read_text(errors="replace").splitlines() if errors.exists() else []
+        if code != 0 and causes:
+            sys.stdout.flush()
+            sys.stderr.write(causes[0] + "\n")
+            sys.stderr.flush()
+    return code
 
 
 @contextlib.contextmanager
@@ -63,8 +91,12 @@ def user_errors() -> Iterator[None]:
         rank = os.environ.get("RANK")
         prefix = f"rank {rank}: " if rank not in (None, "0") else ""
         # the entry script's last line, as the user reads it: not a log record (no logger prefix or handler)
-        sys.stderr.write(f"error: {prefix}{' '.join(str(error).split())}\n")
+        line = f"error: {prefix}{' '.join(str(error).split())}"
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
+        if os.environ.get(ERROR_FILE_ENV):  # relaunched: the supervisor repeats it after torchrun's summary
+            with contextlib.suppress(OSError), open(os.environ[ERROR_FILE_ENV], "a", encoding="utf-8") as report:
+                report.write(line + "\n")
         raise SystemExit(2) from None
 
 
@@ -159,3 +191,7 @@ def ensure_process_groups(
         app_state.data_parallel_rank = parallel_state.get_data_parallel_rank()
         app_state.data_parallel_size = parallel_state.get_data_parallel_world_size()
         app_state.pipeline_model_parallel_group = parallel_state.get_pipeline_model_parallel_group()
+
+
+if __name__ == "__main__":  # the supervisor of a relaunched job: python -m nemo_tiedlora.nemo.launch <torchrun command>
+    sys.exit(supervise(sys.argv[1:]))

@@ -160,3 +160,20 @@ def test_merge_and_export_refuse_non_finite_archive(tiny, adapter, tmp_path, mon
     assert not (tmp_path / "merged.nemo").exists() and not (tmp_path / "lora.nemo").exists()
     code, out, _ = _cli("inspect", poisoned)
     assert code == 0 and "NON-FINITE (NaN/Inf) tensors: ['layers.1.v']" in out
+
+
+@pytest.mark.slow
+def test_error_after_the_torchrun_relaunch_is_the_last_line(tiny, tmp_path):
+    """trainer.devices=2 relaunches the script under torchrun; a run that diverges there (a learning rate of 1e30:
+    the first step's update overflows, the next gradients are NaN) stops on every rank with our error, and the
+    output ends with that cause after torchrun's failure summary, exit status non-zero, no adapter written."""
+    base, data, _ = tiny
+    code, output = _run(_finetune(base, data, tmp_path, "trainer.devices=2", "model.tensor_model_parallel_size=2",
+                                  "model.optim.lr=1e30", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                                  "trainer.gradient_clip_val=0.0", "model.global_batch_size=4",
+                                  "model.micro_batch_size=2"))
+    assert code != 0, output[-3000:]
+    assert "relaunching under torchrun" in output and "ChildFailedError" in output  # torchrun's summary came first
+    last = _last_line(output)
+    assert last.startswith("error: ") and "non-finite (NaN/Inf) adapter gradient" in last and "model.optim.lr" in last, last
+    assert not list(tmp_path.rglob("*.nemo"))
