@@ -81,7 +81,10 @@ def readme_commands() -> list[Command]:
     """Every command line in a code block, and every inline code span that is a command."""
     text = _readme()
     commands = []
-    for number, block in enumerate(_blocks(text), 1):
+    tags = re.findall(r"^```([^\n]*)\n.*?^```", text, flags=re.S | re.M)
+    for number, (tag, block) in enumerate(zip(tags, _blocks(text)), 1):
+        if tag.strip() == "text":  # a listing (the layout map), not commands
+            continue
         for line in block.replace("\\\n", " ").splitlines():  # the shell joins backslash continuations
             line = line.strip()
             if COMMAND_START.match(line):
@@ -468,3 +471,25 @@ def test_every_subcommand_has_help_and_every_option_a_help_text(name, helps):
     assert not missing, f"`python -m nemo_tiedlora {name}`: options without help text: {missing}"
     code, text = helps[name]
     assert code == 0 and text.startswith(f"usage: python -m nemo_tiedlora {name}"), text
+
+
+def _layout_block() -> str:
+    section = README.read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```text\n", 1)[1].split("```", 1)[0]
+
+
+def test_layout_map_names_every_module_and_only_existing_ones():
+    """The README's layout map is checkable against the tree: every module of the package is on it (by file name,
+    or its folder for compat/ and the study's tasks), and every file and folder it names exists."""
+    block = _layout_block()
+    package = REPO / "nemo_tiedlora"
+    named_files = set(re.findall(r"([\w.]+\.py)\b", block))
+    named_folders = set(re.findall(r"\b(\w+)/(?=\s|$)", block, flags=re.M))
+    modules = [p for p in package.rglob("*.py") if p.name != "__init__.py" and "__pycache__" not in p.parts]
+    missing = [str(p.relative_to(package)) for p in modules
+               if p.name not in named_files and not set(p.relative_to(package).parts[:-1]) & named_folders]
+    assert not missing, f"modules missing from the README's layout map: {missing}"
+    existing = {p.name for p in modules} | {"__main__.py"}
+    assert not named_files - existing, f"the layout map names files that do not exist: {named_files - existing}"
+    folders = {p.name for p in package.rglob("*") if p.is_dir()}
+    assert not named_folders - folders, f"the layout map names folders that do not exist: {named_folders - folders}"
