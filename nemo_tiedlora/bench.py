@@ -16,18 +16,16 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from nemo_tiedlora.tools.runner import run_checked, run_logged
+from nemo_tiedlora.demo.embedded import embedded_base
+from nemo_tiedlora.tools.runner import run_checked
 
 CONFIGS = ("base", "lora", "vera", "tl5", "tl6")
-_BUILD_PREFIX = ".base-build-"  # temporary folder of the base being built, inside --work
 
 
 def _measure(config: str, *, base: Path, data: Path, rank: int, steps: int, batch: int, work: Path) -> dict[str, Any]:
@@ -167,35 +165,6 @@ def _targets(rows: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
-def cached_base(work: Path, data: Any) -> Path:
-    """The tiny base in ``work`` (``base.nemo`` + ``base.json``), pre-trained once with its progress bar shown.
-
-    It is built in a temporary folder inside ``work`` and moved into place when complete, so an interrupted build
-    leaves neither a partial base nor NeMo's ``model_weights/`` staging folder in ``work``; a temporary folder left
-    by a killed build is removed by the next one. NeMo's log of the build goes to ``work/base.log``.
-    """
-    from nemo_tiedlora.demo.base_model import BaseSpec, _fingerprint
-
-    base, manifest = work / "base.nemo", work / "base.json"
-    fingerprint = _fingerprint(BaseSpec(), data.corpus, data.tokenizer_model)
-    if base.exists() and manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
-        return base
-    for stale in work.glob(f"{_BUILD_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    build = Path(tempfile.mkdtemp(prefix=_BUILD_PREFIX, dir=work))
-    try:
-        print(f"pre-training the tiny base ({BaseSpec().steps} steps, once; cached as {base}; log {work / 'base.log'})",
-              file=sys.stderr, flush=True)
-        run_logged([sys.executable, "-m", "nemo_tiedlora.demo.base_model", "--out", str(build / base.name),
-                    "--corpus", str(data.corpus), "--tokenizer", str(data.tokenizer_model)], log=work / "base.log",
-                   title="pre-train the tiny base")
-        os.replace(build / base.name, base)
-        os.replace(build / manifest.name, manifest)  # last: a manifest means a complete base
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return base
-
-
 def run(*, out: Path, rank: int = 8, steps: int = 30, batch: int = 8, work: Path = Path(".cache/bench"),
         rounds: int = 3) -> dict:
     """Build the data and base (cached), measure every configuration in its own process, `rounds` times with the
@@ -208,7 +177,7 @@ def run(*, out: Path, rank: int = 8, steps: int = 30, batch: int = 8, work: Path
 
     work = Path(work).resolve()
     data = build_all(work / "data")
-    base = cached_base(work, data)
+    base = embedded_base(work, data, echo=True)
     best: dict[str, dict[str, Any]] = {}
     for config in tqdm([c for _ in range(rounds) for c in CONFIGS], desc="benchmark runs"):
         command = [sys.executable, "-m", "nemo_tiedlora.bench", config, "--base", str(base), "--data", str(work / "data"),

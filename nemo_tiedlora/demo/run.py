@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemo_tiedlora.demo.data import build_all, score
+from nemo_tiedlora.demo.embedded import embedded_base
 from nemo_tiedlora.tools.runner import entry_script, run_logged
 
 
@@ -138,13 +139,7 @@ def main(*, work: Path = Path(".cache/demo"), settings: DemoSettings = DemoSetti
     work.mkdir(parents=True, exist_ok=True)
     print("== data: tokenizer, corpus and the supervised task (cached)", flush=True)
     data = build_all(work / "data")
-    base = work / "base.nemo"
-    _run(
-        [sys.executable, "-m", "nemo_tiedlora.demo.base_model", "--out", str(base), "--corpus", str(data.corpus),
-         "--tokenizer", str(data.tokenizer_model)],
-        log=work / "base.log",
-        title="base model: tiny Llama-style GPT pre-trained on the corpus (cached)",
-    )
+    base = embedded_base(work, data, echo=True)
     base_report = json.loads(base.with_suffix(".json").read_text())
     adapter = finetune(base=base, data=data, work=work, settings=settings)
     base_score = evaluate(base=base, adapter=None, data=data, work=work, settings=settings, label="base")

@@ -50,19 +50,11 @@ Runner = Callable[[RunSpec, SweepContext], Mapping[str, Any]]
 def _embedded_base(verbose: bool) -> Path:
     """The demo's tiny base .nemo (built and cached under .cache/demo, like ``python -m nemo_tiedlora demo``)."""
     from nemo_tiedlora.demo.data import build_all
+    from nemo_tiedlora.demo.embedded import embedded_base
 
     work = _EMBEDDED_WORK.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = build_all(work / "data")
-    base = work / "base.nemo"
-    run_logged(
-        [sys.executable, "-m", "nemo_tiedlora.demo.base_model", "--out", str(base), "--corpus", str(data.corpus),
-         "--tokenizer", str(data.tokenizer_model)],
-        log=work / "base.log",
-        title="base model: the embedded tiny base (cached)",
-        echo=verbose,
-    )
-    return base
+    return embedded_base(work, build_all(work / "data"), echo=verbose)
 
 
 def prepare_context(cfg: SweepConfig, *, verbose: bool = False) -> SweepContext:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nemo_tiedlora import bench
+from nemo_tiedlora.demo import embedded
 from nemo_tiedlora.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +68,7 @@ def _fake_builder(monkeypatch, *, interrupt: bool):
         out.with_suffix(".json").write_text(json.dumps({"fingerprint": "F"}))
         (out.parent / "model_weights").rmdir()
 
-    monkeypatch.setattr(bench, "run_logged", fake_run)
+    monkeypatch.setattr(embedded, "run_logged", fake_run)
     monkeypatch.setattr("nemo_tiedlora.demo.base_model._fingerprint", lambda *args: "F")
     return calls
 
@@ -79,7 +80,7 @@ class _Data:
 def test_interrupted_base_build_leaves_nothing_in_work(tmp_path, monkeypatch):
     _fake_builder(monkeypatch, interrupt=True)
     with pytest.raises(KeyboardInterrupt):
-        bench.cached_base(tmp_path, _Data())
+        embedded.embedded_base(tmp_path, _Data())
     assert list(tmp_path.iterdir()) == [tmp_path / "base.log"]  # no model_weights/, no partial base
 
 
@@ -87,7 +88,7 @@ def test_base_is_moved_into_place_and_then_reused(tmp_path, monkeypatch):
     stale = tmp_path / ".base-build-killed" / "model_weights"  # left by a SIGKILLed build
     stale.mkdir(parents=True)
     calls = _fake_builder(monkeypatch, interrupt=False)
-    base = bench.cached_base(tmp_path, _Data())
+    base = embedded.embedded_base(tmp_path, _Data())
     assert base == tmp_path / "base.nemo" and base.read_bytes() == b"nemo"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.json", "base.log", "base.nemo"]
-    assert bench.cached_base(tmp_path, _Data()) == base and len(calls) == 1  # cached: not built again
+    assert embedded.embedded_base(tmp_path, _Data()) == base and len(calls) == 1  # cached: not built again
