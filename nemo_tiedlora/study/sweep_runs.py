@@ -103,7 +103,10 @@ def finetune_args(spec: RunSpec, ctx: SweepContext, *, exp_dir: Path) -> list[st
         f"trainer.limit_val_batches={t.limit_val_batches!r}",  # an int is a number of batches, a float a fraction
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=False",
-        f"model.seed={t.seed if spec.seed is None else spec.seed}",
+        # one seed for everything random in a run: megatron's init, the adapter's factors (LoRA's A, VeRA's frozen
+        # A/B), the order of the training samples
+        *(f"{key}={t.seed if spec.seed is None else spec.seed}"
+          for key in ("model.seed", "model.peft.tiedlora_tuning.seed", "model.data.train_ds.seed")),
         f"model.global_batch_size={t.global_batch_size}",
         f"model.micro_batch_size={t.micro_batch_size}",
         f"model.optim.lr={spec.lr!r}",

@@ -118,7 +118,8 @@ def test_prompt_template_and_seed_reach_the_entry_scripts(tmp_path):
     ctx = _context(cfg, tmp_path)
     grid = sweep.finetune_args(RunSpec("extraction", "tl6", 8, 0.01), ctx, exp_dir=tmp_path)
     rerun = sweep.finetune_args(RunSpec("extraction", "tl6", 8, 0.01, 4321), ctx, exp_dir=tmp_path)
-    assert "model.seed=1234" in grid and "model.seed=4321" in rerun
+    for key in ("model.seed", "model.peft.tiedlora_tuning.seed", "model.data.train_ds.seed"):  # init, factors, data
+        assert f"{key}=1234" in grid and f"{key}=4321" in rerun
     for split in ("train_ds", "validation_ds"):
         assert f"model.data.{split}.prompt_template='{TEMPLATE}'" in grid
     generate = sweep.generate_args(ctx, adapter=Path("/a.nemo"), prefix=tmp_path / "p")
