@@ -78,6 +78,7 @@ class Run:
     metric_name: str = ""
     seed: int | None = None
     seed_rerun: bool = False
+    best_val_loss: float | None = None  # breaks a tie in the metric, as the sweep does when it picks a rate to rerun
     seed_metrics: tuple[tuple[int | None, float], ...] = ()  # (seed, metric) of every seed a cell averages
 
     @property
@@ -167,6 +168,7 @@ def _run(row: Mapping[str, Any]) -> tuple[Run, list[str]]:
         metric_name=str(row.get("metric_name") or "").strip(),
         seed=int(_number(row.get("seed"))) if math.isfinite(_number(row.get("seed"))) else None,
         seed_rerun=str(row.get("seed_rerun", "")).strip().lower() in ("true", "1", "yes"),
+        best_val_loss=_number(row.get("best_val_loss")) if math.isfinite(_number(row.get("best_val_loss"))) else None,
     )
     if not run.ok:
         return run, []
@@ -194,12 +196,16 @@ def _metric_name(task: str, runs: Iterable[Run]) -> str:
 
 
 def _better(run: Run, other: Run) -> bool:
-    """Whether ``run`` has a strictly better metric than ``other`` (same task)."""
+    """Whether ``run`` has a strictly better metric than ``other`` (same task); on a tie, a strictly lower best
+    validation loss (where both have one), as the sweep breaks ties when it picks the rate to rerun."""
+    if run.metric == other.metric and run.best_val_loss is not None and other.best_val_loss is not None:
+        return run.best_val_loss < other.best_val_loss
     return run.metric > other.metric if _higher_is_better(run.task) else run.metric < other.metric
 
 
 def _best_by(runs: Iterable[Run], key: Callable[[Run], K]) -> dict[K, Run]:
-    """key -> the finished run with the best metric among the runs with that key (the first one on ties)."""
+    """key -> the finished run with the best metric among the runs with that key (ties: the lower best validation
+    loss, then the first one)."""
     best: dict[K, Run] = {}
     for run in runs:
         group = key(run)
@@ -224,7 +230,7 @@ def add_percent_of_best_lora(runs: Sequence[Run]) -> list[Run]:
 
 
 def best_runs(runs: Iterable[Run]) -> dict[Key, Run]:
-    """(task, preset, rank) -> the finished run with the best metric over learning rates (first one on ties).
+    """(task, preset, rank) -> the finished run with the best metric over learning rates (ties as :func:`_best_by`).
 
     The rate is chosen among the grid's runs (not ``seed_rerun``); when reruns of that rate with other seeds
     finished, the returned run's ``metric`` is the mean over all its seeds and ``seed_metrics`` lists them.

@@ -177,3 +177,20 @@ def test_shipped_study_configs_load_by_name_from_any_folder(tmp_path, monkeypatc
     assert sweep.load_config(Path("study_smollm2.yaml")).task == "extraction"
     with pytest.raises(SweepConfigError, match=r"nope.yaml: no such study config; .*study, study_smollm2"):
         sweep.load_config(Path("nope.yaml"))
+
+
+def test_report_breaks_metric_ties_on_validation_loss_as_the_sweep_does(tmp_path):
+    """All rates score 0 (VeRA in the SmolLM2 study): the sweep reran the rate with the lowest validation loss, so
+    the report's cell is that rate, averaged with its rerun."""
+    from nemo_tiedlora.study.sweep_results import write_results
+
+    rows = [{"task": "extraction", "preset": "vera", "rank": 8, "lr": lr, "seed": 1234, "seed_rerun": False,
+             "metric": 0.0, "trainable_params": 10, "status": "ok", "best_val_loss": loss}
+            for lr, loss in ((5e-4, 1.9), (2e-3, 1.8), (8e-3, 1.6))]
+    cfg = parse_config(_config(tmp_path, presets=["vera"], lrs=[5e-4, 2e-3, 8e-3], rerun_best_seeds=[4321]))
+    (rerun,) = sweep.best_lr_reruns(cfg, rows)
+    assert rerun.lr == 8e-3
+    rows.append({**rows[2], "seed": 4321, "seed_rerun": True, "metric": 0.0, "best_val_loss": 1.7})
+    write_results(tmp_path, rows)
+    best = best_runs(read_results(tmp_path / "results.csv"))[("extraction", "vera", 8)]
+    assert best.lr == 8e-3 and [seed for seed, _ in best.seed_metrics] == [1234, 4321]
