@@ -45,8 +45,11 @@ def _config(tmp_path: Path, base: Path, *, max_steps: int, val_every: int) -> Pa
 
 
 def _sweep(config: Path, **popen) -> subprocess.Popen:
+    # SIGINT at its default, as in a terminal: a test run started in the background (`pytest ... &`) inherits
+    # SIGINT ignored, and a Python started with it ignored never raises KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", "nemo_tiedlora", "sweep", "--config", str(config)], cwd=REPO,
-                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def test_run_to_max_steps_counts_max_steps_and_one_validation_batch(tiny, tmp_path):

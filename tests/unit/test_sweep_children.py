@@ -126,8 +126,10 @@ def _wait_for_child(tmp_path: Path, parent: subprocess.Popen) -> int:
 def _start_parent(tmp_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     # start_new_session: the parent leads its own group, like a shell job; the terminal's Ctrl-C is a SIGINT to it
+    # SIGINT at its default, as in a terminal (a test run started with `&` inherits it ignored)
     return subprocess.Popen([sys.executable, str(_parent_script(tmp_path))], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_stops_the_child_group(tmp_path):
