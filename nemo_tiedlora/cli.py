@@ -72,9 +72,9 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", default=defaults.preset, help=f"Tied-LoRA preset (default {defaults.preset})")
     parser.add_argument("--rank", type=int, default=defaults.rank, help=f"rank (default {defaults.rank})")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"training steps (default {defaults.steps}; 150 for --base smollm2)")
+                        help=f"training steps (default {defaults.steps}; 60 for --base smollm2)")
     parser.add_argument("--lr", type=float, default=None,
-                        help=f"learning rate (default {defaults.lr}; 2e-3 for --base smollm2)")
+                        help=f"learning rate (default {defaults.lr}; 8e-3 for --base smollm2)")
     parser.set_defaults(handler=_run_demo)
 
 
