@@ -53,11 +53,14 @@ from nemo_tiedlora.study.sweep_config import (
 )
 from nemo_tiedlora.study.sweep_results import (
     _OK,
+    _is_ok,
     COLUMNS,
     RunSpec,
     add_percent_of_best_lora,
     best_lr_reruns,
     expand_grid,
+    is_rerun,
+    rerun_count,
     format_summary,
     read_previous,
     reusable_rows,
@@ -127,15 +130,14 @@ def run_sweep(
 
     ctx = context if context is not None else prepare_context(cfg, verbose=verbose)
     grid = expand_grid(cfg)
-    reruns = len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds)  # known once the grid has run
     previous = read_previous(ctx.out)
     done = reusable_rows(previous, grid, ctx.fingerprint)
     rows: dict[tuple, dict[str, Any]] = dict(done)
     if done:
         print(f"resuming: {len(done)} of {len(grid)} grid run(s) already ok in {ctx.out / 'results.json'}",
               flush=True)
-    reruns_done = [row for row in previous if row.get("seed_rerun") in (True, "true") and row.get("status") == _OK
-                   and row.get("fingerprint") == ctx.fingerprint]
+    reruns_done = [row for row in previous
+                   if is_rerun(row) and _is_ok(row) and row.get("fingerprint") == ctx.fingerprint]
     dropped = len(previous) - len(done) - len(reruns_done)
     if dropped > 0:
         print(f"{dropped} earlier row(s) (failed, or another grid/budget) will be replaced", flush=True)
@@ -147,8 +149,8 @@ def run_sweep(
         write_results(ctx.out, add_percent_of_best_lora(ordered()))
 
     todo = [spec for spec in grid if spec.key not in done]
-    progress = tqdm(total=len(grid) + reruns, initial=len(grid) - len(todo), desc=f"sweep {cfg.task}", unit="run",
-                    file=sys.stderr, dynamic_ncols=True)
+    progress = tqdm(total=len(grid) + rerun_count(cfg), initial=len(grid) - len(todo), desc=f"sweep {cfg.task}",
+                    unit="run", file=sys.stderr, dynamic_ncols=True)
     try:
         _run_all(todo, runner, ctx, rows, progress, save)
         if cfg.rerun_best_seeds:  # the best lr of each (preset, rank), chosen on the grid's seed, with more seeds
@@ -212,7 +214,7 @@ def _run_sweep_command(args: argparse.Namespace) -> int:
             print(f"  {spec.name}")
         if cfg.rerun_best_seeds:
             print(f"then the best lr of each (preset, rank) again with seed(s) "
-                  f"{', '.join(map(str, cfg.rerun_best_seeds))}: {len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds)} run(s)")
+                  f"{', '.join(map(str, cfg.rerun_best_seeds))}: {rerun_count(cfg)} run(s)")
         return 0
     try:
         rows = run_sweep(cfg, verbose=args.verbose)

@@ -76,6 +76,16 @@ def expand_grid(cfg: SweepConfig) -> list[RunSpec]:
     return [RunSpec(cfg.task, preset, rank, lr) for preset in cfg.presets for rank in cfg.ranks for lr in cfg.lrs]
 
 
+def rerun_count(cfg: SweepConfig) -> int:
+    """How many reruns ``cfg.rerun_best_seeds`` asks for once the grid has run (one per preset, rank and seed)."""
+    return len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds)
+
+
+def is_rerun(row: Mapping[str, Any]) -> bool:
+    """Whether a results row is a rerun of a best rate with another seed (JSON: true, CSV: "true")."""
+    return row.get("seed_rerun") in (True, "true")
+
+
 def best_lr_reruns(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
     """The reruns of ``cfg.rerun_best_seeds``: for each (preset, rank) the grid run (training seed) with the best
     metric (ties: the lower best validation loss, then the first lr) run again with every extra seed. A (preset,
@@ -216,7 +226,7 @@ def fingerprint(cfg: SweepConfig, *, base: Path | str, data: Path | str) -> str:
 
 def _row_key(row: Mapping[str, Any]) -> tuple[str, str, int, float, int | None] | None:
     try:
-        seed = int(row["seed"]) if row.get("seed_rerun") in (True, "true") else None
+        seed = int(row["seed"]) if is_rerun(row) else None
         return (str(row["task"]), str(row["preset"]), int(row["rank"]), float(row["lr"]), seed)
     except (KeyError, TypeError, ValueError):
         return None
