@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 logger = logging.getLogger("nemo_tiedlora")
@@ -24,6 +25,19 @@ TIMEOUT_ENV = "NEMO_TIEDLORA_DIST_TIMEOUT_MINUTES"
 ERROR_FILE_ENV = "NEMO_TIEDLORA_ERROR_FILE"  # set by the supervisor: ranks append their one-line cause there
 DEFAULT_TIMEOUT_MINUTES = 10
 _LAUNCHED_MARKERS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+# What torchrun (and Lightning, which sets LOCAL_RANK in the process that builds a trainer) set in a process they
+# launch. A new single-process job started from such a process (the demo's, the study's or a test's child) must not
+# inherit them: it would take itself for a rank of the surrounding job (see `_LAUNCHED_MARKERS`), skip its own
+# relaunch and wait for ranks that never come.
+_RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                         "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "NODE_RANK")
+_RENDEZVOUS_PREFIXES = ("TORCHELASTIC_",)
+
+
+def without_launch_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less every variable torchrun sets in a rank it launches (rendezvous, ranks, TORCHELASTIC_*)."""
+    return {name: value for name, value in env.items()
+            if name not in _RENDEZVOUS_VARIABLES and not name.startswith(_RENDEZVOUS_PREFIXES)}
 
 
 def relaunch_under_torchrun_if_needed(trainer_cfg: Any) -> None:

@@ -20,13 +20,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nemo_tiedlora.nemo.launch import without_launch_variables
+
 __all__ = ["child_env", "entry_script", "run_checked", "run_logged", "stop_group"]
 
 _ECHO_MARKS = ("Epoch", "Testing", "pre-train", "base model:", "Tied-LoRA", "  A:", "  B:", "  u:", "  v:", "total:",
                "LoRA at rank", "Error", "error")
 _GRACE_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
-_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 def entry_script(name: str) -> Path:
@@ -52,9 +53,7 @@ def _bind_to_parent(parent: int) -> None:
 
 def child_env() -> dict[str, str]:
     """This process's environment for a new single-process job (no inherited rendezvous), quiet warnings."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1")
-    for name in _LAUNCH_VARIABLES:
-        env.pop(name, None)
+    env = dict(without_launch_variables(os.environ), PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 

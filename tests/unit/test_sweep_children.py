@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -188,3 +189,28 @@ def test_stop_group_escalates_to_sigkill(tmp_path):
     started = time.time()
     runner_mod.stop_group(stubborn, grace=1.0)
     assert stubborn.returncode == -signal.SIGKILL and time.time() - started < 10
+
+
+def test_a_child_started_inside_a_torchrun_job_is_not_taken_for_its_rank(tmp_path):
+    """Every variable torchrun sets in the rank it launches (read from a real torchrun, not from our list) is gone from
+    a child's environment, except the two that say nothing about ranks; so the child's own launch check finds itself
+    not launched."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, sys
+        from nemo_tiedlora.nemo import launch
+        from nemo_tiedlora.tools.runner import child_env
+        child = child_env()
+        json.dump({"rank": sorted(os.environ), "child": sorted(child),
+                   "launched": [m for m in launch._LAUNCHED_MARKERS if m in child]}, open(sys.argv[1], "w"))
+    """))
+    parent = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "PYTHONPATH")}
+    out = tmp_path / "env.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=0",
+                    str(script), str(out)], env=parent, check=True, capture_output=True, timeout=120)
+    seen = json.loads(out.read_text())
+    added_by_torchrun = set(seen["rank"]) - set(parent)
+    assert {"RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "GROUP_RANK"} <= added_by_torchrun  # the reference is real
+    inherited = added_by_torchrun & set(seen["child"])
+    assert inherited <= {"LC_CTYPE", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}, inherited
+    assert seen["launched"] == []
