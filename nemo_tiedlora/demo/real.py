@@ -73,8 +73,10 @@ def hf_answers(base_out: Path, adapter_out: Path, inputs: list[str], *, tokens: 
         ids = torch.tensor([tokenizer(PROMPT_TEMPLATE.format(input=text, output=""),
                                       add_special_tokens=False).input_ids])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            # one unpadded prompt: every position attends (said explicitly: SmolLM2's pad token is its eos token)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return answers
 
