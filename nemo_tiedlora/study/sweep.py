@@ -53,16 +53,15 @@ from nemo_tiedlora.study.sweep_config import (
 )
 from nemo_tiedlora.study.sweep_results import (
     _OK,
-    _is_ok,
     COLUMNS,
     RunSpec,
     add_percent_of_best_lora,
     best_lr_reruns,
     expand_grid,
-    is_rerun,
-    rerun_count,
     format_summary,
     read_previous,
+    rerun_count,
+    reusable_reruns,
     reusable_rows,
     trainable_params,
     write_results,
@@ -136,8 +135,7 @@ def run_sweep(
     if done:
         print(f"resuming: {len(done)} of {len(grid)} grid run(s) already ok in {ctx.out / 'results.json'}",
               flush=True)
-    reruns_done = [row for row in previous
-                   if is_rerun(row) and _is_ok(row) and row.get("fingerprint") == ctx.fingerprint]
+    reruns_done = reusable_reruns(previous, ctx.fingerprint)
     dropped = len(previous) - len(done) - len(reruns_done)
     if dropped > 0:
         print(f"{dropped} earlier row(s) (failed, or another grid/budget) will be replaced", flush=True)

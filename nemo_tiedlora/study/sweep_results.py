@@ -232,15 +232,26 @@ def _row_key(row: Mapping[str, Any]) -> tuple[str, str, int, float, int | None] 
         return None
 
 
+def _reusable(row: Mapping[str, Any], fp: str) -> bool:
+    """An earlier row a resumed sweep may keep: status ok and recorded with the same fingerprint."""
+    return _is_ok(row) and row.get("fingerprint") == fp
+
+
 def reusable_rows(previous: Iterable[Mapping[str, Any]], grid: Sequence[RunSpec], fp: str) -> dict[tuple, dict]:
     """Earlier rows to keep: status ok, in the grid and recorded with the same fingerprint (first one per run)."""
     keys = {spec.key for spec in grid}
     kept: dict[tuple, dict] = {}
     for row in previous:
         key = _row_key(row)
-        if key in keys and key not in kept and _is_ok(row) and row.get("fingerprint") == fp:
+        if key in keys and key not in kept and _reusable(row, fp):
             kept[key] = dict(row)
     return kept
+
+
+def reusable_reruns(previous: Iterable[Mapping[str, Any]], fp: str) -> list[Mapping[str, Any]]:
+    """Earlier seed reruns a resumed sweep may keep (ok, same fingerprint); which of them it uses is known only once
+    the grid has run (`best_lr_reruns`, then `reusable_rows`)."""
+    return [row for row in previous if is_rerun(row) and _reusable(row, fp)]
 
 
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -78,7 +78,7 @@ def test_the_smollm2_study_config_is_valid():
     assert cfg.prompt_template == PROMPT_TEMPLATE  # the demo's chat format, the same string
 
 
-def test_best_lr_of_each_preset_is_rerun_with_each_extra_seed(tmp_path):
+def test_best_lr_of_each_preset_is_rerun_with_each_extra_seed(tmp_path, capsys):
     cfg = parse_config(_config(tmp_path, rerun_best_seeds=[4321, 99]))
     out = tmp_path / "out"
     calls: list[RunSpec] = []
@@ -92,8 +92,11 @@ def test_best_lr_of_each_preset_is_rerun_with_each_extra_seed(tmp_path):
     assert rows[6]["run"] == "extraction_lora_r8_lr0.01_seed4321"
     # resume: nothing to do, reruns included
     again: list[RunSpec] = []
+    capsys.readouterr()
     run_sweep(cfg, runner=_runner(again), context=_context(cfg, out))
     assert again == []
+    resumed = capsys.readouterr().out
+    assert "resuming: 6 of 6 grid run(s)" in resumed and "will be replaced" not in resumed  # the ok reruns are kept
     # the report: the rate is chosen on the grid's seed; the cell is the mean over the seeds at that rate
     best = best_runs(read_results(out / "results.csv"))
     assert best[("extraction", "lora", 8)].lr == 1e-2
