@@ -61,7 +61,11 @@ def _prepare(cfg: DictConfig, *, training: bool = False) -> None:
 def _build_trainer(cfg: DictConfig, callbacks: Optional[list] = None):
     from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronLMPPTrainerBuilder
 
-    return MegatronLMPPTrainerBuilder(cfg).create_trainer(callbacks=callbacks)
+    from nemo_tiedlora.nemo import cluster
+
+    trainer = MegatronLMPPTrainerBuilder(cfg).create_trainer(callbacks=callbacks)
+    cluster.remember(trainer)  # the process groups are created from the launcher's world the trainer saw
+    return trainer
 
 
 def _peft_config_class(scheme: str):

@@ -150,10 +150,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _log_world(launcher: str, backend: str) -> None:
+    """Rank 0 says where the ranks run (one all-gather of the host names, once per job)."""
+    import socket
+
+    import torch.distributed as dist
+
+    hosts: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    if dist.get_rank() != 0:
+        return
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    spans = [f"{host}: ranks {_ranges(found)}" for host, found in ranks.items()]
+    shown = "; ".join(spans[:4]) + ("; ..." if len(spans) > 4 else "")
+    logger.info("process groups: %d ranks on %d host(s) (%s), launched by %s, rendezvous %s:%s, backend %s",
+                len(hosts), len(ranks), shown, launcher, os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                os.environ.get("MASTER_PORT", "-"), backend)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts, start = [], ranks[0]
+    for previous, current in zip(ranks, [*ranks[1:], None]):
+        if current != previous + 1:
+            parts.append(f"{start}-{previous}" if previous != start else f"{start}")
+            start = current
+    return ",".join(parts)
+
+
 def ensure_process_groups(
     *,
     world_size: int,
     global_rank: int,
+    local_rank: int | None = None,
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
@@ -164,28 +195,46 @@ def ensure_process_groups(
 
     megatron-core 0.13 modules read their process groups at construction, while NeMo 1.x only *fakes* the
     model-parallel init there and creates the groups later in ``NLPDDPStrategy.setup_distributed`` (which skips
-    them when they already exist). Launch multi-process runs with torchrun (or SLURM), so every rank exists now.
+    them when they already exist). Launch multi-process runs with torchrun or SLURM, so every rank exists now.
+
+    Rank, local rank, world size and the rendezvous address are the launcher's (`nemo_tiedlora.nemo.cluster`);
+    `world_size` / `global_rank` / `local_rank` (what NeMo derived from the trainer) must agree with them. The
+    device is the local rank's.
     """
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from nemo_tiedlora.nemo import cluster
+
     timeout = dist_timeout()
     if not dist.is_initialized():
+        launched = cluster.world()
+        asked = (world_size, global_rank, launched.local_rank if local_rank is None else local_rank)
+        if launched.external and asked != (launched.world_size, launched.global_rank, launched.local_rank):
+            from nemo_tiedlora.errors import TiedLoraConfigError
+
+            raise TiedLoraConfigError(
+                f"{launched.launcher} started this process as rank {launched.global_rank} of {launched.world_size} "
+                f"(local rank {launched.local_rank}) but the trainer places it as rank {asked[1]} of {asked[0]} "
+                f"(local rank {asked[2]}): set trainer.num_nodes and trainer.devices to the launcher's node count "
+                "and processes per node")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            torch.cuda.set_device(launched.local_rank)
+        if world_size == 1 and not launched.external:
             # A private port, not exported: child processes (e.g. a script this one launches) must not inherit it.
             init_method = f"tcp://127.0.0.1:{free_port()}"
         else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
+            address, port = launched.rendezvous()
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)  # Lightning reads them later
             init_method = "env://"
         # A bounded wait for a lost rank (dist_timeout; torch's default is 30 minutes).
         dist.init_process_group(backend=backend, init_method=init_method, rank=global_rank, world_size=world_size,
                                 timeout=timeout)
+        if world_size > 1:
+            _log_world(launched.launcher, backend)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             distributed_timeout_minutes=int(max(1, timeout.total_seconds() // 60)),

@@ -5,6 +5,8 @@ archive named by `model.peft.restore_from_path`, and (for training) the JSONL fi
 `TiedLoraConfigError` / `TiedLoraCheckpointError` / `TiedLoraDataError` naming the file and the cause:
 - a base or adapter path that is missing, not a tar archive, or truncated;
 - a TP/PP layout the base cannot run (checked here, before the torchrun relaunch and before any process group);
+- processes started by SLURM or torchrun that do not match trainer.num_nodes x trainer.devices
+  (`nemo_tiedlora.nemo.cluster.check_launch`);
 - bad training / validation data (`nemo_tiedlora.data_check`).
 """
 
@@ -29,7 +31,11 @@ MODEL_CONFIG = "model_config.yaml"
 
 
 def check_before_launch(cfg: DictConfig, *, training: bool) -> None:
-    """Refuse a bad base, adapter, layout or (training) data before anything is launched or built."""
+    """Refuse a bad base, adapter, layout, launch or (training) data before anything is launched or built."""
+    from nemo_tiedlora.nemo.cluster import check_launch, share_run_folder
+
+    check_launch(cfg.trainer)
+    share_run_folder(cfg.get("exp_manager"))
     base = cfg.model.get("restore_from_path")
     base_cfg = read_model_config(Path(base), what="model.restore_from_path") if base else None
     if base_cfg is not None and cfg.model.get("peft", {}).get("peft_scheme") == "tiedlora":

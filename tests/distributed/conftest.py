@@ -1,4 +1,4 @@
-"""Multi-process runs: torchrun + gloo on CPU, a 4-layer GQA tiny base built once per session."""
+"""Multi-process runs: torchrun + gloo on CPU (the tiny base `dist_base` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from nemo_tiedlora.nemo.launch import free_port
@@ -14,19 +13,6 @@ from tests.script_env import script_env
 
 DRIVER = Path(__file__).with_name("driver.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def dist_base(tmp_path_factory):
-    from nemo_tiedlora.demo.base_model import BaseSpec, build_base_model
-    from nemo_tiedlora.demo.data import build_all
-
-    work = tmp_path_factory.mktemp("dist")
-    data = build_all(work / "data")
-    spec = BaseSpec(num_layers=4, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4, num_query_groups=2,
-                    steps=20, batch_size=8)
-    base, _ = build_base_model(work / "base.nemo", corpus=data.corpus, tokenizer_model=data.tokenizer_model, spec=spec)
-    return base, work / "data", work
 
 
 def torchrun(script: Path, nproc: int, args: list[str], log: Path) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ def real_process_groups() -> None:
         ensure_process_groups(
             world_size=kwargs["world_size"],
             global_rank=kwargs["global_rank"],
+            local_rank=kwargs.get("local_rank"),
             tensor_model_parallel_size=kwargs.get("tensor_model_parallel_size", 1),
             pipeline_model_parallel_size=kwargs.get("pipeline_model_parallel_size", 1),
             virtual_pipeline_model_parallel_size=kwargs.get("virtual_pipeline_model_parallel_size"),
