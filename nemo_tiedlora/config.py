@@ -112,6 +112,11 @@ _NEMO_KEYS: dict[str, str] = {
 }
 
 
+# Keys of model.peft.tiedlora_tuning that configure the training run, not the adapter: read by
+# :class:`LossScalingGuard` (and never stored in an adapter archive).
+RUN_KEYS: tuple[str, ...] = ("fp16_max_skipped_steps", "fp16_min_loss_scale")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -329,14 +334,17 @@ class TiedLoraConfig:
         A missing key or a YAML null takes the default (so ``preset: null`` means the default preset; give all
         five flags to describe a custom set, they override the preset). Unknown keys raise.
         """
-        unknown = sorted(str(key) for key in tuning_cfg if key not in _NEMO_KEYS)
+        unknown = sorted(str(key) for key in tuning_cfg if key not in _NEMO_KEYS and key not in RUN_KEYS)
         if unknown:
             raise TiedLoraConfigError(
                 f"unknown key(s) {unknown} in model.peft.tiedlora_tuning: check the spelling; valid keys are "
-                f"{', '.join(_NEMO_KEYS)}"
+                f"{', '.join((*_NEMO_KEYS, *RUN_KEYS))}"
             )
+        LossScalingGuard.from_nemo(tuning_cfg)  # the run keys are validated here too, not stored
         kwargs: dict[str, Any] = {}
         for key in tuning_cfg:
+            if key in RUN_KEYS:
+                continue
             value = tuning_cfg[key]
             if value is None:
                 continue
@@ -395,3 +403,35 @@ class TiedLoraConfig:
                     f"values explicitly in the config or load with the nemo_tiedlora version that wrote it"
                 )
         return config
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossScalingGuard:
+    """When fp16 loss scaling cannot recover (``model.peft.tiedlora_tuning.fp16_*``; read by
+    ``nemo_tiedlora.nemo.loss_scaling``).
+
+    In fp16 with NeMo's grad scaler an overflow (a NaN/Inf in the scaled gradients) skips the step and lowers the
+    scale. The run stops only when the scaler cannot fix it: ``max_skipped_steps`` optimizer steps skipped in a
+    row, or an overflow while the loss scale is already at or below ``min_loss_scale`` (the gradients are then
+    non-finite without amplification: the forward pass or the data, not the scale).
+    """
+
+    max_skipped_steps: int = 50
+    min_loss_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_skipped_steps) or self.max_skipped_steps < 1:
+            raise TiedLoraConfigError(
+                f"fp16_max_skipped_steps must be a positive int, got {self.max_skipped_steps!r}: use e.g. 50 (the "
+                "loss scale falls from 2^32 to 1 in about 33 skipped steps)")
+        if not _is_number(self.min_loss_scale) or self.min_loss_scale <= 0:
+            raise TiedLoraConfigError(
+                f"fp16_min_loss_scale must be a positive number, got {self.min_loss_scale!r}: use e.g. 1.0 (an "
+                "overflow at a scale of 1 or less is not the scaler's to fix)")
+
+    @classmethod
+    def from_nemo(cls, tuning_cfg: Mapping[str, Any]) -> LossScalingGuard:
+        """From ``model.peft.tiedlora_tuning`` (missing keys or nulls take the defaults)."""
+        names = {"fp16_max_skipped_steps": "max_skipped_steps", "fp16_min_loss_scale": "min_loss_scale"}
+        return cls(**{names[key]: tuning_cfg[key] for key in names
+                      if key in tuning_cfg and tuning_cfg[key] is not None})

@@ -33,9 +33,11 @@ def _prepare(cfg: DictConfig, *, training: bool = False) -> None:
     settings a CPU run needs (NeMo's defaults assume CUDA + apex)."""
     from nemo_tiedlora.nemo import compat, setup
     from nemo_tiedlora.nemo.launch import relaunch_under_torchrun_if_needed
+    from nemo_tiedlora.nemo.optimizer_paths import check_optimizer_path
     from nemo_tiedlora.nemo.preflight import check_before_launch, remove_unfinished_checkpoints
 
     check_before_launch(cfg, training=training)
+    check_optimizer_path(cfg, training=training)  # on the user's config, before the CPU rewrites below
     if training:
         remove_unfinished_checkpoints(cfg)
     relaunch_under_torchrun_if_needed(cfg.trainer)

@@ -2,7 +2,9 @@
 
 Once per optimizer step, after the pipeline's backward and before the data-parallel reduction, the replicated
 factors' gradients are summed over TP/PP (`nemo_tiedlora.parallel`), optionally the replicas are compared, and a
-NaN/Inf gradient stops the run (`nemo_tiedlora.anomaly`). NeMo reaches that point in one of two functions:
+NaN/Inf gradient stops the run (`nemo_tiedlora.anomaly`; in fp16 with a loss scaler an overflow is the scaler's to
+skip first: `nemo_tiedlora.nemo.loss_scaling`). NeMo reaches that point in one of two functions (the optimizer
+paths that reach neither are refused before launch: `nemo_tiedlora.nemo.optimizer_paths`):
 
 - plain optimizers: ``MegatronBaseModel.allreduce_gradients`` (the DP all-reduce NeMo's training_step calls);
 - megatron's distributed optimizer: ``finalize_model_grads`` (its DP reduce-scatter), which the GPT and SFT model
@@ -58,6 +60,7 @@ def before_data_parallel_reduction(model: Any) -> None:
     if not hasattr(model, "_tiedlora_steps"):
         return  # no tiedlora adapters in this model
     from nemo_tiedlora.anomaly import check_finite_grads
+    from nemo_tiedlora.nemo.loss_scaling import active_scaler, check_scaled_grads
     from nemo_tiedlora.parallel import check_replicas, reduce_adapter_grads
 
     chunks = model_chunks(model)
@@ -69,7 +72,12 @@ def before_data_parallel_reduction(model: Any) -> None:
     model._tiedlora_steps += 1
     reduce_adapter_grads(chunks)
     trainer = getattr(model, "_trainer", None)  # steps done, resumed runs included (our counter restarts at 0)
-    check_finite_grads(chunks, step=trainer.global_step if trainer is not None else model._tiedlora_steps - 1)
+    done = trainer.global_step if trainer is not None else model._tiedlora_steps - 1
+    scaler = active_scaler(model)
+    if scaler is not None:  # fp16: the gradients are scaled; an overflow is the scaler's to skip (loss_scaling)
+        check_scaled_grads(model, chunks, scaler, step=done)
+    else:
+        check_finite_grads(chunks, step=done)
 
 
 _REPLICA_LOG_SECONDS = 60.0  # after the first check, at most one INFO line a minute (every check at DEBUG)
