@@ -47,27 +47,43 @@ def _grad(param: nn.Parameter) -> Optional[torch.Tensor]:
 
 @dataclass
 class ReductionStats:
-    """What the adapter's extra gradient reductions cost on this rank (for benchmarks; reset freely)."""
+    """What the adapter's extra gradient reductions cost on this rank (for benchmarks; reset freely).
+
+    ``calls`` and ``bytes`` are always counted. ``seconds`` only when ``timed`` is set: each reduction is then
+    bracketed by a device synchronize (CUDA tensors), so it measures the collective itself rather than the time to
+    queue it (or the backward still running ahead of it); that costs two host syncs per reduction, so it is off in
+    training and on in benchmarks."""
 
     calls: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    timed: bool = False
 
 
 STATS = ReductionStats()
 
 
+def _synchronize(tensor: torch.Tensor) -> None:
+    """Wait for the work queued on ``tensor``'s device (nothing to wait for on the CPU)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
 def _all_reduce(tensors: Sequence[torch.Tensor], group) -> None:
     if not tensors:
         return
-    started = time.perf_counter()
     flat = torch._utils._flatten_dense_tensors(list(tensors))
+    if STATS.timed:
+        _synchronize(flat)
+        started = time.perf_counter()
     dist.all_reduce(flat, group=group)
+    if STATS.timed:
+        _synchronize(flat)
+        STATS.seconds += time.perf_counter() - started
     for tensor, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, list(tensors))):
         tensor.copy_(synced)
     STATS.calls += 1
     STATS.bytes += flat.numel() * flat.element_size()
-    STATS.seconds += time.perf_counter() - started
 
 
 def _grads_or_zeros(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
@@ -141,14 +157,25 @@ def _group_ranks(group) -> list[int]:
     return list(dist.get_process_group_ranks(group))
 
 
+# Signed integers of each float width: replicas are compared by bit pattern (bitwise identical is the invariant;
+# -0.0 vs 0.0 counts as drift, the same NaN on every rank does not).
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of ``tensor`` as int64 [numel]."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(_BITS[flat.element_size()]).to(torch.int64)
+
+
 def _drift_message(name: str, chunk: int, param: torch.Tensor, group, step: Optional[int]) -> str:
     """Which ranks hold a copy of ``param`` that differs from the lowest rank's, and by how much (collective)."""
     ranks = _group_ranks(group)
     copies = [torch.empty_like(param) for _ in ranks]
     dist.all_gather(copies, param.detach().contiguous(), group=group)
     reference = copies[0]
-    differing = {rank: float((copy - reference).abs().max()) for rank, copy in zip(ranks, copies)
-                 if not torch.equal(copy, reference)}
+    differing = {rank: float((copy.double() - reference.double()).abs().max()) for rank, copy in zip(ranks, copies)
+                 if not torch.equal(_bits(copy), _bits(reference))}
     where = f" at step {step}" if step is not None else ""
     return (
         f"Tied-LoRA replica drift{where}: {name} (model chunk {chunk}) on rank(s) {sorted(differing)} differs from "
@@ -165,28 +192,46 @@ def check_replicas(chunks: Sequence[nn.Module], *, step: Optional[int] = None) -
     """Verify that every replica is bitwise identical on all ranks holding it; return the number of tensors checked.
 
     A/B are compared over the whole world (every rank holds them); per-layer tensors over the TP x DP group of
-    their stage. Collective: every rank of the world must call it. Raises ReplicaDriftError (on every rank of the
-    group) naming the tensor, the ranks whose copy differs, the largest difference and ``step`` (when given).
+    their stage. Collective: every rank of the world must call it. Cost per check, whatever the number of layers:
+    one all-reduce per replica kind (at most two) of one flat int64 buffer, the bit patterns of all that kind's
+    tensors next to their complement (MAX of both gives each element's highest and lowest pattern over the group),
+    and one host sync. Only on a mismatch are the tensors looked at one by one: raises ReplicaDriftError (on every
+    rank of the group) naming the first differing tensor, the ranks whose copy differs, the largest difference and
+    ``step`` (when given).
     """
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
         return 0
-    checked = 0
     groups = {
         REPLICATED_MODEL_WIDE: None,  # world
         REPLICATED_IN_LAYER: parallel_state.get_tensor_and_data_parallel_group(),
     }
+    entries: dict[str, list[tuple[str, int, nn.Parameter]]] = {kind: [] for kind in groups}
     for index, chunk in enumerate(chunks):
         for name, param in chunk.named_parameters():
             kind = getattr(param, REPLICA_TAG, None)
-            if kind is None:
-                continue
-            group = groups[kind]
-            high, low = param.detach().clone(), param.detach().clone()
-            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-            if not torch.equal(high, low):
+            if kind is not None:
+                entries[kind].append((name, index, param))
+    compared, equal = [], []
+    for kind, group in groups.items():
+        if not entries[kind]:
+            continue
+        bits = torch.cat([_bits(param) for _, _, param in entries[kind]])  # [n]
+        both = torch.cat([bits, ~bits])  # ~ reverses the order: max(~x) == ~min(x)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        high, low = both[: bits.numel()], ~both[bits.numel():]
+        compared.append((kind, group, high, low))
+        equal.append((high == low).all())  # on the device: no sync yet
+    if not compared:
+        return 0
+    for (kind, group, high, low), same in zip(compared, torch.stack(equal).tolist()):  # the one host sync
+        if same:
+            continue
+        offset = 0
+        for name, index, param in entries[kind]:
+            end = offset + param.numel()
+            if not torch.equal(high[offset:end], low[offset:end]):
                 raise ReplicaDriftError(_drift_message(name, index, param, group, step))
-            checked += 1
-    return checked
+            offset = end
+    return sum(len(found) for found in entries.values())

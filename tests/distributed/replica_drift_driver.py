@@ -1,9 +1,9 @@
-"""``torchrun --nproc_per_node=4 tests/distributed/replica_drift_driver.py OUT.json``: the replica check on real
+"""``torchrun --nproc_per_node=4 tests/distributed/replica_drift_driver.py OUT``: the replica check on real
 process groups (megatron-core's parallel state, gloo, TP=2 x DP=2), without NeMo.
 
 Every rank builds the same tagged tensors (A, B model-wide; u, v of one layer), checks them (must pass), then
 global rank 3 perturbs one element of A and all ranks check again: the error must name A, rank 3 and the step.
-Rank 0 writes {"checked": n, "error": message} to OUT.json.
+Rank 0 writes {"checked": n, "error": message} to OUT.0.json.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     except ReplicaDriftError as err:
         error = str(err)
     if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as out:
+        with open(f"{sys.argv[1]}.0.json", "w") as out:
             json.dump({"checked": checked, "error": error}, out)
     dist.barrier()
     parallel_state.destroy_model_parallel()
