@@ -59,8 +59,9 @@ def main() -> None:
     from nemo_tiedlora.nemo.finetune import build, tuning_config
     from nemo_tiedlora.nemo.launch import finish_distributed
     from nemo_tiedlora.nemo.state import gather_adapter_state
-    from nemo_tiedlora.parallel import check_replicas
+    from nemo_tiedlora.parallel import STATS, check_replicas
 
+    STATS.timed = True  # the report's reduction seconds (a device synchronize around each one on CUDA)
     cfg = tuning_config("finetuning")
     world = int(os.environ.get("WORLD_SIZE", 1))
     with open_dict(cfg):
