@@ -91,5 +91,6 @@ def check_scaled_grads(model: Any, chunks: Sequence[nn.Module], scaler: Any, *, 
             f"scale at {scale:g}: the loss scaler does not recover; the step is not applied and the run stops. {_FIX}")
     if rank == 0:
         logger.info("Tied-LoRA: fp16 overflow at optimizer step %d (loss scale %g, %d skipped in a row): the grad "
-                    "scaler skips the step and lowers the scale", step + 1, scale, skipped)
+                    "scaler skips the step and lowers the scale (NeMo's after model.hysteresis overflows in a row)",
+                    step + 1, scale, skipped)
     return True

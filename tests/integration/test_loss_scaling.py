@@ -23,18 +23,55 @@ pytestmark = pytest.mark.integration
 
 
 def _flat(*tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).clone()
+    return torch.cat([t.detach().float().reshape(-1) for t in tensors]).clone()
+
+
+def factors_of(model) -> tuple:
+    """The tied A and B of the model's first chunk (both trained in tl6)."""
+    from nemo_tiedlora.nemo.walk import iter_shared_adapters
+
+    return next(iter(iter_shared_adapters(model))).factors
+
+
+def step_recorder(records: list):
+    """A callback appending, per step: the loss scale and A, B (flat) before and after, and the steps done."""
+    from lightning.pytorch import Callback
+
+    def scale(trainer) -> float:
+        return trainer.precision_plugin.scaler.get_scale()
+
+    class StepRecord(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            records.append({"scale_before": scale(trainer), "AB_before": _flat(*factors_of(module))})
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            records[-1].update(scale_after=scale(trainer), AB_after=_flat(*factors_of(module)),
+                               step=trainer.global_step)
+
+    return StepRecord()
+
+
+def fit_with_overflow(trainer, model, overflow_at: set):
+    """trainer.fit with +inf added to A's gradient in backward in the steps `overflow_at` (0-based steps done);
+    the error the run stopped with, if any."""
+    factors_of(model)[0].register_hook(
+        lambda grad: grad + float("inf") if trainer.global_step in overflow_at else grad)
+    try:
+        trainer.fit(model)
+    except Exception as caught:  # noqa: BLE001 - the run's own error is what is checked
+        return caught
+    return None
 
 
 def _fp16_run(tiny, tmp_path, *, overflow_at: set, steps: int, init_scale: float = 2.0**16, **tuning):
-    """Train `steps` steps with a CPU loss scaler; +inf is added to A's gradient in the steps `overflow_at` (0-based
-    steps done). Returns (per step: scale before and after, A and B before and after; the error if the run stopped)."""
+    """Train `steps` steps with a CPU loss scaler and overflows in the steps `overflow_at`. Returns (per step: scale
+    before and after, A and B before and after, B's gradient in backward and at the optimizer; the error if any)."""
     from lightning.pytorch import Callback
     from nemo.collections.nlp.parts.nlp_overrides import PipelineMixedPrecisionPlugin
     from omegaconf import open_dict
 
     from nemo_tiedlora.nemo.finetune import build
-    from nemo_tiedlora.nemo.walk import iter_shared_adapters, model_chunks
+    from nemo_tiedlora.nemo.walk import model_chunks
 
     base, data, _ = tiny
     cfg = finetune_cfg(base, data, tmp_path, preset="tl6", adapter_dim=4, **tuning)
@@ -44,31 +81,17 @@ def _fp16_run(tiny, tmp_path, *, overflow_at: set, steps: int, init_scale: float
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
     records = []
 
-    class Record(Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            records.append({"scale_before": scaler.get_scale(), "AB_before": _flat(a_factor, b_factor)})
-
+    class UnscaledGrad(Callback):
         def on_before_optimizer_step(self, trainer, module, optimizer):  # after the scaler's unscale_
-            records[-1]["B_grad_unscaled"] = b_factor.grad.detach().clone()
+            records[-1]["B_grad_unscaled"] = factors_of(module)[1].grad.detach().clone()
 
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            records[-1].update(scale_after=scaler.get_scale(), AB_after=_flat(a_factor, b_factor),
-                               step=trainer.global_step)
-
-    trainer, model, _, _ = build(cfg, callbacks=[Record()])
+    trainer, model, _, _ = build(cfg, callbacks=[step_recorder(records), UnscaledGrad()])
     trainer.strategy.precision_plugin = PipelineMixedPrecisionPlugin(precision="16-mixed", device="cpu",
                                                                      scaler=scaler)
     for chunk in model_chunks(model):
         chunk.config.grad_scale_func = scaler.scale  # what NeMo sets when trainer.precision is 16
-    a_factor, b_factor = next(iter(iter_shared_adapters(model))).factors  # the tied A and B (both trained in tl6)
-    a_factor.register_hook(lambda grad: grad + float("inf") if trainer.global_step in overflow_at else grad)
-    b_factor.register_hook(lambda grad: records[-1].update(B_grad_in_backward=grad.detach().clone()))
-    error = None
-    try:
-        trainer.fit(model)
-    except Exception as caught:  # noqa: BLE001 - the run's own error is what is checked
-        error = caught
-    return records, error
+    factors_of(model)[1].register_hook(lambda grad: records[-1].update(B_grad_in_backward=grad.detach().clone()))
+    return records, fit_with_overflow(trainer, model, overflow_at)
 
 
 def test_overflow_is_skipped_the_scale_halves_and_the_run_goes_on(tiny, tmp_path):
