@@ -9,6 +9,12 @@ NeMo finds adapters through `AdapterModuleMixin` modules (`add_adapter` by name,
 - `TiedLoraShared` is attached once to each model chunk (`GPTModel.tiedlora_shared`) and holds the tied A and B as
   its adapter `TiedLoraSharedAdapter`. NeMo's optimizer setup and PEFT state dict therefore see A and B exactly
   once, although every layer uses them (NeMo assumes one tensor per layer elsewhere, e.g. in `tie_weights`).
+
+Both take part in megatron-core's distributed checkpointing (`sharded_state_dict`, what `dist_checkpointing.save` of
+`model.sharded_state_dict()` writes): the wrapped linear's entries keep their checkpoint keys (a base checkpoint's
+weights load into the adapted model), the adapter tensors are added, each written once (its `replica_id` is zero on
+one rank only). NeMo's own PEFT checkpoints do not go through it: once the model is set up with PEFT, NeMo's
+`sharded_state_dict()` returns None and the adapter-only state dict is saved as a plain torch checkpoint.
 """
 
 from __future__ import annotations
@@ -122,6 +128,23 @@ class TiedLoraShared(nn.Module, AdapterModuleMixin):
     def forward(self, *args: Any, **kwargs: Any):  # pragma: no cover - it only owns tensors
         raise RuntimeError("TiedLoraShared owns the shared A and B; the layers' TiedLoraQKV apply them")
 
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> dict[str, Any]:
+        """A and B for megatron's distributed checkpoint, under their state-dict keys (`{prefix}adapter_layer.<name>.
+        lora_a`). They are full replicas on every TP, PP and DP rank (megatron's default replica id leaves out the
+        pipeline rank: every stage would claim to be the main copy), so the replica id is (PP, TP, DP) rank and
+        only pipeline stage 0's TP 0 / DP 0 rank writes them; every rank reads them back. `sharded_offsets` (GPTModel
+        passes none to its own children) are not applied: A and B are one tensor for the whole model."""
+        from megatron.core import parallel_state
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+        replica_id = (parallel_state.get_pipeline_model_parallel_rank(),
+                      parallel_state.get_tensor_model_parallel_rank(),
+                      parallel_state.get_data_parallel_rank(with_context_parallel=True))
+        return {f"{prefix}{key}": make_sharded_tensor_for_checkpoint(tensor, f"{prefix}{key}", replica_id=replica_id)
+                for key, tensor in self.state_dict(prefix="", keep_vars=True).items()}
+
 
 class TiedLoraQKV(nn.Module, AdapterModuleMixin):
     """`linear_qkv` with the Tied-LoRA update added: returns `(out + update, bias)` like the wrapped module.
@@ -181,11 +204,46 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
         self.set_accepted_adapter_types([TiedLoraLayerAdapter])
 
     def __getattr__(self, name: str):
-        # Attributes megatron reads off `linear_qkv` (weight, config, ...) resolve to the wrapped module.
+        # Attributes megatron reads off `linear_qkv` (weight, config, ...) resolve to the wrapped module
+        # (not `sharded_state_dict`: defined below, so that the adapter tensors are in it).
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base"), name)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> dict[str, Any]:
+        """The wrapped linear's sharded state dict plus this layer's adapter tensors (megatron dist checkpointing).
+
+        - The wrapped linear's entries keep their checkpoint keys and sharding (`...linear_qkv.weight`, the same
+          as without the adapter) and are filed under this module's state-dict keys (`{prefix}base.weight`), so the
+          dict that `dist_checkpointing.load` returns goes straight into `load_state_dict`.
+        - The adapter tensors (u_l, v_l; A_l, B_l when untied) are filed under their state-dict keys
+          (`{prefix}adapter_layer.<name>.vec_u`) with one checkpoint key per *global* layer
+          (`...linear_qkv.adapter_layer.<name>.global_layer_<l-1>.vec_u`), without the layer axis megatron stacks
+          the base weights on: only the selected layers carry an adapter, so a stacked tensor would have holes.
+          They are full replicas on the TP and DP ranks of the layer's stage (replica id (0, TP, DP)): TP 0 / DP 0
+          writes them.
+        """
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+        base = super().__getattr__("base")
+        entries = {}
+        for key, value in base.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets,
+                                                  metadata=metadata).items():
+            if not key.startswith(prefix):
+                raise RuntimeError(f"TiedLoraQKV: the wrapped {type(base).__name__}'s sharded state dict has key "
+                                   f"{key!r} outside its prefix {prefix!r}; its entries cannot be filed under "
+                                   f"{prefix}base.*: a distributed checkpoint of this model is not supported")
+            entries[f"{prefix}base.{key[len(prefix):]}"] = value
+        if "adapter_layer" in self._modules:
+            layer = f"global_layer_{self.layer_number - 1}"
+            for key, tensor in self.adapter_layer.state_dict(prefix="", keep_vars=True).items():
+                name, param = key.split(".", 1)  # "<adapter name>.vec_u"
+                entries[f"{prefix}adapter_layer.{key}"] = make_sharded_tensor_for_checkpoint(
+                    tensor, f"{prefix}adapter_layer.{name}.{layer}.{param}")
+        return entries
 
     def add_adapter(self, name: str, cfg: Any, **kwargs: Any) -> None:
         """NeMo's add_adapter, plus this layer's global number and the binding to the shared A and B."""
