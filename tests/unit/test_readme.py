@@ -493,3 +493,12 @@ def test_layout_map_names_every_module_and_only_existing_ones():
     assert not named_files - existing, f"the layout map names files that do not exist: {named_files - existing}"
     folders = {p.name for p in package.rglob("*") if p.is_dir()}
     assert not named_folders - folders, f"the layout map names folders that do not exist: {named_folders - folders}"
+
+
+def test_readme_sbatch_script_is_the_one_the_tests_submit():
+    """The sbatch script the README shows is, byte for byte, the repository's file that the two-node SLURM test
+    (tests/multinode/test_two_node_training.py) submits."""
+    script = TUNING / "slurm" / "tiedlora_finetuning.sbatch"
+    blocks = [block for tag, block in zip(re.findall(r"^```([^\n]*)\n.*?^```", _readme(), flags=re.S | re.M),
+                                          _blocks(_readme())) if block.startswith("#!/bin/bash\n#SBATCH")]
+    assert blocks == [script.read_text()]
