@@ -1,6 +1,6 @@
 """The NeMo entry script end to end with more than one process: `trainer.devices=N` on CPU (relaunched under
-torchrun) with each parallel layout the README calls supported (TP2, DP2, TP2 + SP, TP2 x PP2, PP2 with the
-distributed optimizer), against the same command at TP=1. Compared: the adapter .nemo each run writes (one logical,
+torchrun) with the parallel layouts the README calls supported (TP2 + SP, TP2 x PP2, PP2 with the distributed
+optimizer; TP2 x DP2 and PP2 x DP2 across two nodes in tests/multinode), against the same command at TP=1. Compared: the adapter .nemo each run writes (one logical,
 TP/PP-independent state). As in test_equivalence.py, Adam runs with eps far above every |grad| (momentum SGD,
 linear in the gradients), so that rounding-level gradient differences of a split run stay rounding-level."""
 
@@ -12,9 +12,9 @@ from tests.entry_runs import assert_same_adapter, run_finetune
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+# TP2 and DP2 alone are not repeated here: the two-node tests (tests/multinode) run the same entry script at
+# TP2 x DP2 and PP2 x DP2 against the same TP1 run (script_tp1 is shared by the session).
 LAYOUTS = {
-    "tp2": (2, ["model.tensor_model_parallel_size=2"]),
-    "dp2": (2, []),
     "tp2_sequence_parallel": (2, ["model.tensor_model_parallel_size=2", "model.sequence_parallel=True"]),
     "tp2_pp2": (4, ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"]),
     "pp2_distributed_optimizer": (2, ["model.pipeline_model_parallel_size=2",
