@@ -24,17 +24,35 @@ Split form (tensor parallelism): :func:`tied_lora_down` computes ``g = u ⊙ (A 
 input, the caller moves ``g`` across ranks (``region``: megatron's copy-to-TP-region or sequence-parallel
 gather), and :func:`tied_lora_up` applies this rank's rows of B and v. What crosses ranks is r values per token.
 
-Dropout on x (``keep_mask``: a bool [T, d] mask, ``keep_prob = 1 - p``): the function applies
+Dropout on x (``keep_mask``: a bool [T, d] mask, ``keep_prob = 1 - p``; :func:`sequence_keep_mask` draws a
+sequence shard's rows of the whole sequence's mask, for sequence parallelism): the function applies
 ``x * keep_mask / keep_prob`` itself and keeps the *mask* (1 byte per element: d bytes per token per layer) next
 to the undropped x, instead of a dropped copy of x (2 d bytes in bf16, 4 d in fp32, which the reference
 composition keeps in addition to the mask). A [T, d] dropped input exists in backward only transiently, while
 ``grad_A`` is formed. Without dropout the cost is zero. Under autocast a float32 x is cast to autocast's dtype
-first and that copy is what is kept (as ``F.linear`` under autocast keeps its own cast). Nothing here imports NeMo
-or Megatron.
+first and that copy is what is kept (as ``F.linear`` under autocast keeps its own cast).
+
+Autocast (CPU or CUDA, bf16 or fp16), the dtype contract:
+
+- The public functions (:func:`fused_tied_lora_update`, :func:`tied_lora_down`, :func:`tied_lora_up`) pick the
+  compute dtype: autocast's dtype for x's device when autocast is on there, else x's dtype; they cast x and every
+  factor to it (``Tensor.to``, a no-op when it already matches). The output has the compute dtype, as ``F.linear``'s.
+- The autograd functions compute in exactly the dtype of their inputs: forward *and* backward run with autocast
+  disabled (:func:`_autocast_off`), so neither an autocast region around forward nor one around ``backward()``
+  (CPU autocast is thread-local to the caller, who runs CPU backward) changes what they compute; their gradients
+  come out in the compute dtype.
+- Each gradient then reaches its tensor in that tensor's own dtype through the backward of the cast: float32
+  parameters get float32 gradients, bf16 parameters (megatron_amp_O2) bf16 ones.
+
+``torch.amp.custom_fwd/custom_bwd`` are not used: their ``device_type`` is fixed when the function is decorated
+(these run on CPU and CUDA) and ``cast_inputs`` fixes one dtype for fp16 and bf16 runs alike. Nothing here imports
+NeMo or Megatron.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from typing import Optional
 
@@ -44,9 +62,48 @@ from torch import Tensor
 
 def dropout_keep_mask(x: Tensor, p: float, *, generator: Optional[torch.Generator] = None) -> Tensor:
     """A bool keep-mask shaped like ``x`` with P(keep) = 1 - p, drawn from ``generator`` (default: torch's)."""
+    return _keep_draw(x.shape, x.device, p, generator).bool()
+
+
+def _keep_draw(shape: torch.Size, device: torch.device, p: float, generator: Optional[torch.Generator]) -> Tensor:
+    """The one draw every keep-mask comes from: float32 ones (kept) and zeros, P(one) = 1 - p."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return torch.empty_like(x, dtype=torch.float32).bernoulli_(1.0 - p, generator=generator).bool()
+    return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
+def sequence_keep_mask(x: Tensor, p: float, *, shard: Optional[tuple[int, int]] = None,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+    """The keep-mask of ``x``, which is sequence shard ``k`` of ``n`` (``shard=(k, n)``): rows ``k s .. (k+1) s``
+    (dim 0, ``s = x.shape[0]``) of the mask :func:`dropout_keep_mask` draws for the whole sequence ``[n s, ...]``.
+
+    From the same generator state this is exactly the slice of the mask one process draws for the unsharded input
+    (the draw of a CPU or CUDA generator depends on the whole tensor's size, so the full mask is drawn, transiently,
+    and sliced). ``shard=None``: the mask of ``x`` itself.
+    """
+    if shard is None:
+        return dropout_keep_mask(x, p, generator=generator)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"sequence shard index must be in [0, {count}), got {index}")
+    rows = x.shape[0]
+    full = _keep_draw(torch.Size((count * rows, *x.shape[1:])), x.device, p, generator)  # [n s, ...]
+    return full[index * rows:(index + 1) * rows].bool()  # a copy of this shard's rows only: [s, ...]
+
+
+def _autocast_off(method: Callable) -> Callable:
+    """Run an autograd function's forward or backward with autocast disabled on its first tensor argument's device,
+    so that it computes in its inputs' dtype (see the module docstring)."""
+
+    @functools.wraps(method)
+    def run(ctx, *args):
+        device = next(arg.device.type for arg in args if isinstance(arg, Tensor))
+        off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else (
+            contextlib.nullcontext())
+        with off:
+            return method(ctx, *args)
+
+    return run
 
 
 def _apply_mask(x: Tensor, keep_mask: Optional[Tensor], keep_prob: float) -> Tensor:
@@ -96,6 +153,7 @@ class TiedLoraUpdate(torch.autograd.Function):
     dropout) and ``h = A x`` [T, r] (if u, B or v trains)."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, a, b, u, v, scale: float, keep_mask: Optional[Tensor], keep_prob: float):
         h = _rows(_apply_mask(x, keep_mask, keep_prob)) @ a.t()  # [T, d] @ [d, r] -> [T, r]
         z = ((h * u) @ b.t()) * (scale * v)  # [T, r] @ [r, out] -> [T, out]
@@ -106,6 +164,7 @@ class TiedLoraUpdate(torch.autograd.Function):
         return z.reshape(*x.shape[:-1], b.shape[0])  # [..., out]
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dz):
         x, h, a, b, u, v, keep_mask = ctx.saved_tensors
         need_x, need_a, need_b, need_u, need_v = ctx.needs_input_grad[:5]
@@ -123,6 +182,7 @@ class TiedLoraDown(torch.autograd.Function):
     ``h = A x`` (if u trains)."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, a, u, keep_mask: Optional[Tensor], keep_prob: float):
         h = _rows(_apply_mask(x, keep_mask, keep_prob)) @ a.t()  # [T, r]
         _, need_a, need_u = ctx.needs_input_grad[:3]
@@ -131,6 +191,7 @@ class TiedLoraDown(torch.autograd.Function):
         return (h * u).reshape(*x.shape[:-1], a.shape[0])  # [..., r]
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dg):
         x, h, a, u, keep_mask = ctx.saved_tensors
         dx, grad_a, grad_u = _down_backward(_rows(dg), x, h, a, u, keep_mask, ctx.keep_prob,
@@ -144,6 +205,7 @@ class TiedLoraUp(torch.autograd.Function):
     """Second half of the split form: ``z = s * v ⊙ (B g)`` [..., out]. Keeps g [T, r] (if B or v trains)."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, g, b, v, scale: float):
         z = (_rows(g) @ b.t()) * (scale * v)  # [T, r] @ [r, out] -> [T, out]
         _, need_b, need_v = ctx.needs_input_grad[:3]
@@ -152,6 +214,7 @@ class TiedLoraUp(torch.autograd.Function):
         return z.reshape(*g.shape[:-1], b.shape[0])
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dz):
         g, b, v = ctx.saved_tensors
         dg, grad_b, grad_v = _up_backward(dz, g, b, v, ctx.scale, tuple(ctx.needs_input_grad[:3]))

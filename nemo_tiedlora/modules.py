@@ -12,21 +12,27 @@ composition `functional.tied_lora_update` is the reference it is tested against)
 Every adapter tensor is stored full-size (unsharded) on every rank. Under tensor parallelism a layer uses the rows
 of B and v that belong to its `linear_qkv` output partition (`out_rows`), and the caller passes the parallel
 `region` that moves `g = u * (A x)` [tokens, r] between ranks: A and u are applied before it, B and v after it.
-Which gradients are then partial and summed over the TP group is in `parallel.py`. Nothing here imports NeMo or
+Which gradients are then partial and summed over the TP group is in `parallel.py`.
+
+Adapter dropout (on x, before A) under tensor parallelism keeps what the TP1 run keeps, token for token: the glue
+names, through `LayerFactors.set_dropout_source`, a generator state shared by the TP group and the TP1 run, and
+with sequence parallelism this rank's shard of the sequence; each rank then draws the whole-sequence mask and keeps
+its shard's rows (without SP, every TP rank applies the whole mask to the same x). Nothing here imports NeMo or
 Megatron.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 from torch import nn
 
 from nemo_tiedlora.config import TiedLoraConfig
 from nemo_tiedlora.functional import delta_weight, init_factors
-from nemo_tiedlora.fused import dropout_keep_mask, fused_tied_lora_update
+from nemo_tiedlora.fused import fused_tied_lora_update, sequence_keep_mask
 
 # The one place that lists every adapter parameter name (state-dict keys end in these).
 PARAM_NAMES: dict[str, str] = {"A": "lora_a", "B": "lora_b", "u": "vec_u", "v": "vec_v"}
@@ -102,6 +108,26 @@ class LayerFactors(nn.Module):
         # the model (one tensor, one state-dict key) although every layer uses them.
         self._shared_ref: tuple[SharedFactors, ...] = (shared,) if flags.tied else ()
         self.dropout_p = float(cfg.dropout)  # applied inside the fused update (the keep-mask is what it keeps)
+        # Where the keep-mask comes from (see `set_dropout_source`); the defaults fit one process.
+        self.sequence_shard: Optional[tuple[int, int]] = None
+        self.mask_rng: Callable[[], ContextManager] = contextlib.nullcontext
+
+    def set_dropout_source(
+        self,
+        *,
+        sequence_shard: Optional[tuple[int, int]] = None,
+        rng: Callable[[], ContextManager] = contextlib.nullcontext,
+    ) -> None:
+        """Make the dropout keep-masks of a parallel run those of the unsharded run, token for token.
+
+        `rng()`: a context in which torch's default generator (of x's device) holds a state that every rank of
+        the tensor-parallel group shares and that does not depend on the parallel layout, e.g. megatron's
+        data-parallel RNG tracker state. `sequence_shard=(k, n)`: x is sequence shard k of n (sequence
+        parallelism); the mask of the whole sequence is drawn and rows k*s .. (k+1)*s kept
+        (`fused.sequence_keep_mask`). Without sequence parallelism every TP rank draws the same whole mask.
+        """
+        self.sequence_shard = sequence_shard
+        self.mask_rng = rng
 
     def bind_shared(self, shared: SharedFactors) -> None:
         """Point this layer at (another replica of) the model's shared factors."""
@@ -142,7 +168,10 @@ class LayerFactors(nn.Module):
         a, b, u, v = self.factors
         if out_rows is not None:
             b, v = b[out_rows], v[out_rows]  # this rank's linear_qkv output partition (whole query groups)
-        keep_mask = dropout_keep_mask(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
+        keep_mask = None
+        if self.training and self.dropout_p > 0:
+            with self.mask_rng():
+                keep_mask = sequence_keep_mask(x, self.dropout_p, shard=self.sequence_shard)  # bool, shaped like x
         return fused_tied_lora_update(x, a, b, u, v, self.cfg.scale, keep_mask=keep_mask,
                                       keep_prob=1.0 - self.dropout_p, region=region)
 

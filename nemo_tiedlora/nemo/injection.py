@@ -9,6 +9,7 @@ dict, saving, loading and generation run unchanged. Installed through `nemo_tied
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
@@ -19,7 +20,7 @@ from nemo_tiedlora.nemo.adapters import TiedLoraQKV, TiedLoraShared
 from nemo_tiedlora.nemo.compat.patch import marked, wrap_once
 from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
 from nemo_tiedlora.nemo.summary import log_parameter_summary
-from nemo_tiedlora.nemo.walk import SHARED_ATTR, model_chunks
+from nemo_tiedlora.nemo.walk import SHARED_ATTR, iter_layer_adapters, model_chunks
 
 def _out_rows(out_features: int, tensor_parallel_size: int) -> slice | None:
     """This TP rank's rows of the fused QKV output (None without tensor parallelism)."""
@@ -60,6 +61,43 @@ def attach(model: Any, peft_cfg: TiedLoraPEFTConfig) -> int:
     return wrapped
 
 
+@contextlib.contextmanager
+def _dropout_rng():
+    """Megatron's data-parallel RNG tracker state: seeded alike on the ranks of a TP group and in a TP1 run, restored
+    by activation recompute, and (unlike torch's default generator) not swapped for a per-TP-rank state inside a
+    sequence-parallel transformer block. On CPU (no CUDA generator: the tracker holds CPU generator states) the
+    same swap without megatron's fork, whose "CPU RNG state changed" warning would fire on every draw there."""
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, get_data_parallel_rng_tracker_name
+
+    tracker, name = get_cuda_rng_tracker(), get_data_parallel_rng_tracker_name()
+    if torch.cuda.is_available():
+        with tracker.fork(name):
+            yield
+        return
+    states, outside = tracker.get_states(), torch.get_rng_state()
+    torch.set_rng_state(states[name])
+    try:
+        yield
+    finally:
+        states[name] = torch.get_rng_state()
+        tracker.set_states(states)
+        torch.set_rng_state(outside)
+
+
+def configure_dropout(model: Any, peft_cfg: TiedLoraPEFTConfig) -> None:
+    """Adapter dropout at any TP/SP draws the keep-masks of the TP1 run (`LayerFactors.set_dropout_source`)."""
+    if not peft_cfg.tiedlora.dropout:
+        return
+    shard = None
+    if peft_cfg.sequence_parallel:
+        from megatron.core import parallel_state
+
+        shard = (parallel_state.get_tensor_model_parallel_rank(), peft_cfg.tensor_parallel_size)
+    for _, adapter in iter_layer_adapters(model):
+        adapter.set_dropout_source(sequence_shard=shard, rng=_dropout_rng)
+
+
 def tiedlora_configs(peft_cfgs: Any) -> list[TiedLoraPEFTConfig]:
     """The Tied-LoRA configs among what `add_adapter` was given (one config or a list)."""
     cfgs = peft_cfgs if isinstance(peft_cfgs, (list, tuple)) else [peft_cfgs]
@@ -81,6 +119,7 @@ def wrap_add_adapter(original: Callable) -> Callable:
             from nemo_tiedlora.parallel import tag_for_clipping
 
             tag_for_clipping(model_chunks(self))
+            configure_dropout(self, tied_cfgs[0])
             self._tiedlora_peft_cfg = tied_cfgs[0]
             self._tiedlora_check_every = tied_cfgs[0].check_replicas_every
             grad_hooks.track(self)

@@ -46,6 +46,7 @@ def parse() -> argparse.Namespace:
                         "input ids to LOGITS_OUT.input_ids.pt (from global rank 0)")
     parser.add_argument("--max-seq-length", type=int, default=64, help="max_seq_length of the train/validation data")
     parser.add_argument("--adapter-dim", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=None, help="model.peft.tiedlora_tuning.adapter_dropout")
     parser.add_argument("--skip-grad-sum", action="store_true",
                         help="negative control: disable the TP/PP gradient sums (the equivalence must then fail)")
     return parser.parse_args()
@@ -86,6 +87,8 @@ def main() -> None:
         cfg.model.peft.tiedlora_tuning.preset = args.preset
         cfg.model.peft.tiedlora_tuning.adapter_dim = args.adapter_dim
         cfg.model.peft.tiedlora_tuning.check_replicas_every = 2
+        if args.dropout is not None:
+            cfg.model.peft.tiedlora_tuning.adapter_dropout = args.dropout
         for split, name in (("train_ds", "train.jsonl"), ("validation_ds", "validation.jsonl")):
             cfg.model.data[split].file_names = [str(Path(args.data) / name)]
             cfg.model.data[split].max_seq_length = args.max_seq_length
