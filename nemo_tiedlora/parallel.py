@@ -157,15 +157,20 @@ def _group_ranks(group) -> list[int]:
     return list(dist.get_process_group_ranks(group))
 
 
-# Signed integers of each float width: replicas are compared by bit pattern (bitwise identical is the invariant;
-# -0.0 vs 0.0 counts as drift, the same NaN on every rank does not).
+# Replicas are compared by bit pattern (bitwise identical is the invariant; -0.0 vs 0.0 counts as drift, the same NaN
+# on every rank does not): each element's bits as a signed integer of its width, widened to int32 (NCCL reduces no
+# int16) or int64 for 8-byte elements.
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _bits_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.int64 if tensor.element_size() == 8 else torch.int32
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of ``tensor`` as int64 [numel]."""
+    """The bit patterns of ``tensor`` [numel] as int32 (elements of up to 4 bytes) or int64."""
     flat = tensor.detach().contiguous().reshape(-1)
-    return flat.view(_BITS[flat.element_size()]).to(torch.int64)
+    return flat.view(_BITS[flat.element_size()]).to(_bits_dtype(flat))
 
 
 def _drift_message(name: str, chunk: int, param: torch.Tensor, group, step: Optional[int]) -> str:
@@ -193,11 +198,11 @@ def check_replicas(chunks: Sequence[nn.Module], *, step: Optional[int] = None) -
 
     A/B are compared over the whole world (every rank holds them); per-layer tensors over the TP x DP group of
     their stage. Collective: every rank of the world must call it. Cost per check, whatever the number of layers:
-    one all-reduce per replica kind (at most two) of one flat int64 buffer, the bit patterns of all that kind's
-    tensors next to their complement (MAX of both gives each element's highest and lowest pattern over the group),
-    and one host sync. Only on a mismatch are the tensors looked at one by one: raises ReplicaDriftError (on every
-    rank of the group) naming the first differing tensor, the ranks whose copy differs, the largest difference and
-    ``step`` (when given).
+    one all-reduce per replica kind (at most two) of one flat int32 buffer (int64 for 8-byte tensors, a second
+    buffer if both widths occur): the bit patterns of all that kind's tensors next to their complement (MAX of
+    both gives each element's highest and lowest pattern over the group), and one host sync. Only on a mismatch
+    are the tensors looked at one by one: raises ReplicaDriftError (on every rank of the group) naming the first
+    differing tensor, the ranks whose copy differs, the largest difference and ``step`` (when given).
     """
     from megatron.core import parallel_state
 
@@ -215,21 +220,23 @@ def check_replicas(chunks: Sequence[nn.Module], *, step: Optional[int] = None) -
                 entries[kind].append((name, index, param))
     compared, equal = [], []
     for kind, group in groups.items():
-        if not entries[kind]:
-            continue
-        bits = torch.cat([_bits(param) for _, _, param in entries[kind]])  # [n]
-        both = torch.cat([bits, ~bits])  # ~ reverses the order: max(~x) == ~min(x)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-        high, low = both[: bits.numel()], ~both[bits.numel():]
-        compared.append((kind, group, high, low))
-        equal.append((high == low).all())  # on the device: no sync yet
+        by_width: dict[torch.dtype, list[tuple[str, int, nn.Parameter]]] = {}
+        for entry in entries[kind]:
+            by_width.setdefault(_bits_dtype(entry[2]), []).append(entry)
+        for bucket in by_width.values():  # one in practice: all adapter tensors share the model's dtype
+            bits = torch.cat([_bits(param) for _, _, param in bucket])  # [n]
+            both = torch.cat([bits, ~bits])  # ~ reverses the order: max(~x) == ~min(x)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+            high, low = both[: bits.numel()], ~both[bits.numel():]
+            compared.append((bucket, group, high, low))
+            equal.append((high == low).all())  # on the device: no sync yet
     if not compared:
         return 0
-    for (kind, group, high, low), same in zip(compared, torch.stack(equal).tolist()):  # the one host sync
+    for (bucket, group, high, low), same in zip(compared, torch.stack(equal).tolist()):  # the one host sync
         if same:
             continue
         offset = 0
-        for name, index, param in entries[kind]:
+        for name, index, param in bucket:
             end = offset + param.numel()
             if not torch.equal(high[offset:end], low[offset:end]):
                 raise ReplicaDriftError(_drift_message(name, index, param, group, step))
