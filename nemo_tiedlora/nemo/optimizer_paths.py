@@ -18,7 +18,9 @@ without O2 (``async_grad_allreduce`` true or false: NeMo reads it only on the O2
   it): each bucket's reduce-scatter starts in backward, before ``finalize_model_grads``, where the adapter's TP/PP
   sums must precede it;
 - fp16 (``trainer.precision=16``) with O2 or with the distributed optimizer: NeMo's loss scaler cannot unscale
-  gradients it does not see (``nemo_tiedlora.nemo.loss_scaling`` handles the plain-optimizer fp16 path).
+  gradients it does not see (with the distributed optimizer NeMo fails at the first step, "No inf checks were
+  recorded for this optimizer": seen on CPU with torch's scaler, whose ``step`` NeMo's GradScaler inherits);
+  ``nemo_tiedlora.nemo.loss_scaling`` handles the plain-optimizer fp16 path.
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ def check_optimizer_path(cfg: Any, *, training: bool) -> None:
         raise TiedLoraConfigError(
             "trainer.precision=16 with model.megatron_amp_O2=True: NeMo 2.4.1 does not train fp16 with O2 (a plain "
             "optimizer stops in configure_optimizers: 'fp16 training is not yet supported with O2'; with the "
-            "distributed optimizer NeMo's loss scaler scales the loss and megatron's optimizer unscales with its own "
-            "scale): set model.megatron_amp_O2=False (fp16 autocast with NeMo's loss scaler) or "
+            "distributed optimizer its loss scaler finds no gradients to unscale or check, as without O2): set "
+            "model.megatron_amp_O2=False (fp16 autocast with NeMo's loss scaler) or "
             "trainer.precision=bf16-mixed")
     if fp16 and name == MCORE_DISTRIBUTED:
         raise TiedLoraConfigError(
-            f"trainer.precision=16 with model.optim.name={MCORE_DISTRIBUTED}: NeMo's fp16 loss scaler unscales only "
-            "the gradients in the optimizer's param.grad, but megatron's distributed optimizer keeps them in its own "
-            "buffers, so scaled gradients would be applied: use model.optim.name=fused_adam (or adam) for fp16, or "
+            f"trainer.precision=16 with model.optim.name={MCORE_DISTRIBUTED}: NeMo's fp16 loss scaler looks for the "
+            "gradients in the optimizer's param.grad, but megatron's distributed optimizer keeps them in its own "
+            "buffers, so the scaler has nothing to unscale or check (NeMo fails at the first step: 'No inf checks were "
+            "recorded for this optimizer'): use model.optim.name=fused_adam (or adam) for fp16, or "
             "trainer.precision=bf16-mixed")
     if o2 and name != MCORE_DISTRIBUTED:
         when = ("from backward hooks (async_grad_allreduce=True)" if model.get("async_grad_allreduce", True)

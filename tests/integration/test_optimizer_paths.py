@@ -49,14 +49,15 @@ CASES = {
         ("trainer.precision=16", "model.megatron_amp_O2=True", MCORE),
         "trainer.precision=16 with model.megatron_amp_O2=True: NeMo 2.4.1 does not train fp16 with O2 (a plain "
         "optimizer stops in configure_optimizers: 'fp16 training is not yet supported with O2'; with the "
-        "distributed optimizer NeMo's loss scaler scales the loss and megatron's optimizer unscales with its own "
-        "scale): set model.megatron_amp_O2=False (fp16 autocast with NeMo's loss scaler) or "
+        "distributed optimizer its loss scaler finds no gradients to unscale or check, as without O2): set "
+        "model.megatron_amp_O2=False (fp16 autocast with NeMo's loss scaler) or "
         "trainer.precision=bf16-mixed"),
     "fp16_distributed_optimizer": (
         ("trainer.precision=16", MCORE),
-        "trainer.precision=16 with model.optim.name=mcore_distributed_optim: NeMo's fp16 loss scaler unscales only "
-        "the gradients in the optimizer's param.grad, but megatron's distributed optimizer keeps them in its own "
-        "buffers, so scaled gradients would be applied: use model.optim.name=fused_adam (or adam) for fp16, or "
+        "trainer.precision=16 with model.optim.name=mcore_distributed_optim: NeMo's fp16 loss scaler looks for the "
+        "gradients in the optimizer's param.grad, but megatron's distributed optimizer keeps them in its own "
+        "buffers, so the scaler has nothing to unscale or check (NeMo fails at the first step: 'No inf checks were "
+        "recorded for this optimizer'): use model.optim.name=fused_adam (or adam) for fp16, or "
         "trainer.precision=bf16-mixed"),
 }
 
