@@ -173,9 +173,10 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
     in memory by a factor of about d / (2 r), and the two rank-sized collectives are small next to TE's own
     all-gather and reduce-scatter of [s, b, d]; so the wrapper uses the local shard.
 
-    Adapter dropout at TP > 1 without SP is applied before the region, so the TP ranks must draw the same keep-mask:
-    it comes from torch's default generator, which megatron seeds identically on the ranks of a TP group (as the
-    base's own dropout outside SP regions needs); a mismatch would show as replica drift of A/u.
+    Adapter dropout is applied before the region, so the TP ranks must keep what the TP1 run keeps: every layer
+    draws the whole [s, b, d] keep-mask from megatron's data-parallel RNG state (the same on every TP rank and at
+    TP1; set up by `nemo_tiedlora.nemo.injection.configure_dropout`), and under SP keeps its own sequence rows; a
+    mismatch would show as replica drift of A/u.
     """
 
     def __init__(
