@@ -86,14 +86,22 @@ def test_flag_set_names_every_bad_tensor():
 
 @pytest.fixture
 def gloo_world_of_one():
-    """A real gloo process group of one rank in this process, with megatron-core's parallel state (TP=PP=1)."""
+    """A real gloo process group of one rank in this process, with megatron-core's parallel state (TP=PP=1). An
+    earlier in-process NeMo test of the same session may have left exactly that: it is used as it is, and kept."""
     from megatron.core import parallel_state
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    made_group = not dist.is_initialized()
+    if made_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.get_world_size() == 1 and dist.get_backend() == "gloo"
+    made_state = not parallel_state.model_parallel_is_initialized()
+    if made_state:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    if made_state:
+        parallel_state.destroy_model_parallel()
+    if made_group:
+        dist.destroy_process_group()
 
 
 def test_one_step_costs_a_fixed_number_of_syncs_and_collectives(gloo_world_of_one):
