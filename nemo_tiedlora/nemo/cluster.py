@@ -16,28 +16,33 @@ import ipaddress
 import os
 import re
 import socket
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from nemo_tiedlora.errors import TiedLoraConfigError
 
-_remembered: dict[str, Any] = {}
+_trainer: list[weakref.ref] = []  # the trainer the entry script built, held weakly (a dropped one is forgotten)
 
 
 def remember(trainer: Any) -> None:
-    """Record the cluster environment and node count of `trainer` (built by NeMo's trainer builder)."""
-    _remembered["environment"] = trainer.strategy.cluster_environment
-    _remembered["num_nodes"] = int(getattr(trainer, "num_nodes", 1) or 1)
+    """Use the cluster environment and node count of `trainer` (built by NeMo's trainer builder) from now on."""
+    _trainer[:] = [weakref.ref(trainer)]
 
 
 def forget() -> None:
-    _remembered.clear()
+    _trainer.clear()
+
+
+def _remembered() -> Optional[Any]:
+    return _trainer[0]() if _trainer else None
 
 
 def environment() -> Any:
     """The Lightning cluster environment of this process (the Trainer's, or chosen as the Trainer chooses)."""
-    if "environment" in _remembered:
-        return _remembered["environment"]
+    trainer = _remembered()
+    if trainer is not None:
+        return trainer.strategy.cluster_environment
     from lightning.fabric.plugins.environments import (
         LightningEnvironment,
         LSFEnvironment,
@@ -92,8 +97,9 @@ def world() -> World:
 
 
 def _node_count(launcher: str) -> int:
-    if "num_nodes" in _remembered:
-        return _remembered["num_nodes"]
+    trainer = _remembered()
+    if trainer is not None:
+        return int(getattr(trainer, "num_nodes", 1) or 1)
     if launcher == "SLURM":
         return int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
     if launcher == "torchrun":

@@ -166,3 +166,25 @@ def test_every_rank_gets_the_same_run_folder(launched, monkeypatch, variables, m
     launched(variables)
     share_run_folder(manager)
     assert os.environ.get(VERSION_ENV) == expected
+
+
+def test_the_entry_scripts_trainer_is_used_while_it_lives(launched):
+    """After `remember(trainer)` the world is the trainer's own cluster environment (the object Lightning chose, node
+    count from the trainer); once that trainer is gone, the choice is made afresh from the process's variables."""
+    import gc
+
+    from nemo_tiedlora.nemo import cluster
+
+    launched(SRUN_2x2_RANK3)
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    cluster.remember(trainer)
+    assert cluster.environment() is trainer.strategy.cluster_environment
+    assert cluster.world().num_nodes == 2
+    launched({"SLURM_NNODES": "1", "SLURM_JOB_NUM_NODES": "1"})  # variables change; the trainer's world does not
+    assert cluster.world().num_nodes == 2
+    del trainer
+    gc.collect()
+    assert cluster.environment() is not None and cluster.world().num_nodes == 1
