@@ -4,6 +4,7 @@ this rank, the world size, the hostname, the address the hostname resolves to an
 from __future__ import annotations
 
 import json
+import sys
 import os
 import socket
 
@@ -17,8 +18,10 @@ def main() -> None:
     value = torch.tensor([float(rank + 1)])
     dist.all_reduce(value)
     host = socket.gethostname()
-    print(json.dumps({"rank": rank, "world": world, "host": host, "address": socket.gethostbyname(host),
-                      "sum": value.item()}), flush=True)
+    line = json.dumps({"rank": rank, "world": world, "host": host, "address": socket.gethostbyname(host),
+                       "sum": value.item()}) + "\n"
+    # one write of the whole line (print may write text and newline separately: the node's ranks share one pipe)
+    os.write(sys.stdout.fileno(), line.encode())
     dist.destroy_process_group()
 
 
