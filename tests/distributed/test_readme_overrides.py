@@ -1,4 +1,4 @@
-"""The fine-tuning entry script with the overrides the README shows, typed as shown (issue 12, items 1, 2, 6):
+"""The fine-tuning entry script with the overrides the README shows, typed as shown:
 ``model.num_layers_in_first_pipeline_stage=3`` (uneven pipeline, 3+1 layers on PP=2) and
 ``model.peft.tiedlora_tuning.check_replicas_every=1`` on two CPU processes. The log must say that the replicas were
 checked and show our own lines, with NeMo's per-field config warnings summarized in one line."""

@@ -29,7 +29,7 @@ def test_every_patch_is_declared_with_target_scope_reason_and_a_real_condition()
         assert getattr(patch.needed, "__name__", "") != "<lambda>", patch.name
     table = compat.describe()
     assert all(name in table for name in names)
-    # what issue 13 found patched outside the table is in it, and every hook's target exists here
+    # every runtime replacement (also those once made outside the table) is in it, and every hook's target exists here
     for target in ("NLPAdapterModelMixin.add_adapter", "MegatronBaseModel.allreduce_gradients",
                    "megatron_gpt_model:finalize_model_grads", "megatron_gpt_sft_model:finalize_model_grads",
                    "NLPAdapterModelMixin.load_adapters", "NLPAdapterModelMixin.save_to",

@@ -1,4 +1,4 @@
-"""What a user reads in the output of the commands they type (issue 12, item 6 and the logging deliverable): our own
+"""What a user reads in the output of the commands they type : our own
 lines at INFO (parameter summary, replica check, adapter written, resume), NeMo's per-field "does not have
 field.name ... Add this key to cfg" warnings summarized in one line, in the entry script, ``merge`` and ``convert``."""
 

@@ -1,4 +1,4 @@
-"""Registration and the per-model bookkeeping of the NeMo glue (issue 13): `import nemo_tiedlora` followed by
+"""Registration and the per-model bookkeeping of the NeMo glue: `import nemo_tiedlora` followed by
 ``from nemo.collections.nlp.parts.peft_config import PEFT_CONFIG_MAP`` has the `tiedlora` entry in a fresh
 interpreter, with nothing else imported; the gradient hooks' model map keeps no model alive."""
 
