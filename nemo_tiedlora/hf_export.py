@@ -304,10 +304,13 @@ def nemo_gpt_to_hf_llama(state_dict: Mapping[str, Any], model_cfg: Any) -> tuple
 
 
 def write_hf_model(
-    out_dir: str | os.PathLike, state: Mapping[str, Tensor], config: Mapping[str, Any], *, overwrite: bool = False
+    out_dir: str | os.PathLike, state: Mapping[str, Tensor], config: Mapping[str, Any], *, overwrite: bool = False,
+    files: Optional[Mapping[str, bytes]] = None,
 ) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (for ``LlamaForCausalLM.from_pretrained``) atomically."""
-    return _write_hf_dir(out_dir, {HF_CONFIG_NAME: config}, {HF_WEIGHTS_NAME: state}, overwrite=overwrite)
+    """Write ``config.json`` and ``model.safetensors`` (for ``LlamaForCausalLM.from_pretrained``), plus ``files``
+    as they are (the tokenizer's, say), atomically."""
+    return _write_hf_dir(out_dir, {HF_CONFIG_NAME: config}, {HF_WEIGHTS_NAME: state}, overwrite=overwrite,
+                         files=files)
 
 
 # Files ------------------------------------------------------------------------------------------------------
@@ -324,11 +327,14 @@ def _write_hf_dir(
     safetensors_files: Mapping[str, Mapping[str, Tensor]],
     *,
     overwrite: bool,
+    files: Optional[Mapping[str, bytes]] = None,
 ) -> Path:
     """Write the files into a temporary folder that replaces ``out_dir`` when complete (``fileio.atomic_directory``)."""
     from safetensors.torch import save_file
 
     with atomic_directory(out_dir, overwrite=overwrite) as directory:
+        for name, data in (files or {}).items():
+            (directory / name).write_bytes(data)
         for name, content in json_files.items():
             (directory / name).write_text(json.dumps(dict(content), indent=2, sort_keys=True) + "\n")
         for name, tensors in safetensors_files.items():

@@ -10,12 +10,16 @@ The tokenizer is saved as the files of a *fast* Hugging Face tokenizer (``tokeni
 98 MB copy of the GGUF itself). Its BOS/EOS/PAD/UNK and whether BOS/EOS are added are exactly what the source
 declares: a folder's tokenizer files are taken as they are; for a GGUF the ``tokenizer.ggml.*_token_id`` and
 ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` fields override what ``transformers`` 4.51 guesses (it adds
-a BOS the GGUF says not to add and takes ``<|im_start|>`` as EOS for SmolLM2).
+a BOS the GGUF says not to add and takes ``<|im_start|>`` as EOS for SmolLM2). A GGUF's byte-level BPE is rebuilt
+with llama.cpp's pre-tokenizer for its ``tokenizer.ggml.pre`` and saved as ``PreTrainedTokenizerFast``, and any
+byte-level BPE is declared as that class (``nemo_tiedlora.hf_tokenizer``), so ``transformers`` 4.x and 5.x (vLLM
+included) produce the same ids.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +30,9 @@ from torch import Tensor
 
 from nemo_tiedlora.errors import TiedLoraCheckpointError
 from nemo_tiedlora.hf_import import nemo_model_config
+from nemo_tiedlora.hf_tokenizer import gguf_byte_level_json, portable_files
+
+logger = logging.getLogger("nemo_tiedlora")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -143,7 +150,26 @@ def _open_gguf(file: Path) -> HFSource:
     template = _gguf_field(reader, "tokenizer.chat_template")
     if template:
         tokenizer.chat_template = str(template)
+    if _gguf_field(reader, "tokenizer.ggml.model") == "gpt2":  # byte-level BPE
+        tokenizer = _gguf_byte_level_tokenizer(tokenizer, _gguf_field(reader, "tokenizer.ggml.pre"), file)
     return HFSource(config, sorted(tensors), tensors.__getitem__, tokenizer, f"{file} (GGUF, dequantized to float32)")
+
+
+def _gguf_byte_level_tokenizer(loaded: Any, pre: Any, file: Path) -> Any:
+    """The GGUF's byte-level BPE as a ``PreTrainedTokenizerFast`` with llama.cpp's pre-tokenizer for ``pre``
+    (``nemo_tiedlora.hf_tokenizer``): the special tokens, BOS/EOS flags (in the post-processor) and chat template
+    of ``loaded``, no clean-up of spaces when decoding (llama.cpp does none)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer_json, known = gguf_byte_level_json(json.loads(loaded.backend_tokenizer.to_str()), pre)
+    if not known:
+        logger.warning("%s: GGUF pre-tokenizer %r has no known rule here; keeping GPT-2's. Check the imported "
+                       "tokenizer against llama.cpp, or import the model's Hugging Face folder instead", file, pre)
+    special = {name: getattr(loaded, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+               if getattr(loaded, name, None) is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(tokenizer_json)), **special,
+                                   chat_template=loaded.chat_template, clean_up_tokenization_spaces=False)
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
@@ -156,4 +182,4 @@ def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
         files = {name: (Path(tmp) / name).read_bytes() for name in TOKENIZER_FILES if (Path(tmp) / name).exists()}
     if "tokenizer.json" not in files:
         raise TiedLoraCheckpointError("the tokenizer wrote no tokenizer.json: import-hf needs a fast tokenizer")
-    return files
+    return portable_files(files)  # read the same way by transformers 4.x and 5.x

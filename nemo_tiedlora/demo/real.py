@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -37,25 +36,12 @@ def _template_overrides(*splits: str) -> tuple[str, ...]:
     return tuple(f"model.data.{split}.prompt_template='{PROMPT_TEMPLATE}'" for split in splits)
 
 
-def _hf_tokenizer_files(base: Path, folder: Path) -> None:
-    """Copy the tokenizer files the .nemo carries (tokenizer.hf_files) into a HF checkpoint folder."""
-    import yaml
-
-    with tarfile.open(base) as tar:
-        members = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isfile()}
-        cfg = yaml.safe_load(tar.extractfile(members["model_config.yaml"]).read())
-        for key, value in cfg["tokenizer"]["hf_files"].items():
-            stem, ext = key.rsplit("_", 1)
-            (folder / f"{stem}.{ext}").write_bytes(tar.extractfile(members[value.removeprefix("nemo:")]).read())
-
-
 def _export(adapter: Path, base: Path, work: Path) -> tuple[Path, Path]:
     out, base_out = work / "hf_adapter", work / "hf_base"
     command = [sys.executable, "-m", "nemo_tiedlora", "export", "--adapter", str(adapter), "--base", str(base),
                "--format", "hf-peft", "--out", str(out), "--base-out", str(base_out), "--overwrite"]
     print(f"\n== export to Hugging Face PEFT\n   {' '.join(command[1:4])} ...", flush=True)
-    run_checked(command, what="export")
-    _hf_tokenizer_files(base, base_out)
+    run_checked(command, what="export")  # the base folder gets the archive's tokenizer files too
     return out, base_out
 
 

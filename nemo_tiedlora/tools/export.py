@@ -1,7 +1,8 @@
 """``export``: an adapter as plain per-layer LoRA, for serving stacks (tools layer; CPU, one process).
 
 - :func:`export_hf_peft`: Hugging Face PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) and,
-  with ``base_out``, the base as a HF ``LlamaForCausalLM`` checkpoint (the pure mapping: ``nemo_tiedlora.hf_export``);
+  with ``base_out``, the base as a HF ``LlamaForCausalLM`` checkpoint (the pure mapping: ``nemo_tiedlora.hf_export``)
+  with the tokenizer files the base carries (what vLLM or transformers load with it);
 - :func:`export_nemo_lora`: NeMo's own ``lora`` adapter ``.nemo``, written by NeMo.
 
 The adapter archive is read and validated once (``checkpoint.load_archive``) and checked against the base's shape.
@@ -9,6 +10,8 @@ The adapter archive is read and validated once (``checkpoint.load_archive``) and
 
 from __future__ import annotations
 
+import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -20,9 +23,13 @@ from nemo_tiedlora.checkpoint import AdapterArchive, check_base_shape, load_arch
 from nemo_tiedlora.errors import TiedLoraCheckpointError
 from nemo_tiedlora.fileio import check_output
 from nemo_tiedlora.hf_export import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
+from nemo_tiedlora.hf_tokenizer import from_gguf_before_repair, portable_files, special_token_ids
 from nemo_tiedlora.merge import per_layer_lora
 from nemo_tiedlora.nemo.base_io import base_config, batch_sizes_in_force, loadable_at_tp1, read_base, save_to
+from nemo_tiedlora.nemo.hf_import import archive_tokenizer_files
 from nemo_tiedlora.shape import model_shape
+
+logger = logging.getLogger("nemo_tiedlora")
 
 
 def _adapter_for(adapter: Path, base: Path) -> tuple[AdapterArchive, dict[str, int]]:
@@ -43,8 +50,27 @@ def export_hf_peft(*, adapter: Path, base: Path, out: Path, base_out: Optional[P
     if base_out is not None:
         source = read_base(Path(base))  # either checkpoint format, any TP/PP
         state, llama_cfg = nemo_gpt_to_hf_llama(source.state, source.cfg)
-        written["base"] = write_hf_model(base_out, state, llama_cfg, overwrite=overwrite)
+        files = _tokenizer_files(source.cfg.tokenizer, source.artifacts, base, base_out)
+        llama_cfg.update(special_token_ids(files))  # where generation stops, for servers that read config.json
+        written["base"] = write_hf_model(base_out, state, llama_cfg, overwrite=overwrite, files=files)
     return written
+
+
+def _tokenizer_files(tokenizer: DictConfig, artifacts: dict[str, bytes], base: Path, base_out: Path) -> dict:
+    """The base's Hugging Face tokenizer files, declared so that every transformers release (vLLM's included) reads
+    them as NeMo does (``hf_tokenizer.portable_files``: repairs archives imported before that rule); none, with a
+    warning, for a tokenizer that is not a Hugging Face one."""
+    files = archive_tokenizer_files(tokenizer, artifacts)
+    if not files:
+        logger.warning("%s: its tokenizer (library %s) is not a Hugging Face tokenizer, so %s gets no tokenizer files: "
+                       "copy the model's Hugging Face tokenizer files there before serving it", base,
+                       tokenizer.get("library"), base_out)
+        return {}
+    if from_gguf_before_repair(json.loads(files.get("tokenizer.json", b"{}"))):
+        logger.warning("%s was imported from a GGUF file before import-hf kept the GGUF's pre-tokenizer rule: its "
+                       "tokenizer is exported as transformers 4.x reads it (same ids in 5.x), which may split numerals "
+                       "differently from llama.cpp; run import-hf on the GGUF again for the exact rule", base)
+    return portable_files(files)
 
 
 def export_nemo_lora(*, adapter: Path, base: Path, out: Path, overwrite: bool = False) -> Path:

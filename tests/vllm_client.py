@@ -1,0 +1,28 @@
+"""`python tests/vllm_client.py <base url> <model> <requests.json> <out.json>`: greedy answers from an
+OpenAI-compatible server (vLLM) through the `openai` client; runs in the serving environment (no project import).
+
+requests.json: {"max_tokens": int, "completions": [prompt text], "chats": [[{"role", "content"}]]}. Written:
+{"completions": [text], "chats": [text], "models": [ids the server lists]}.
+"""
+
+import json
+import sys
+
+from openai import OpenAI
+
+
+def main(base_url: str, model: str, requests_file: str, out_file: str) -> None:
+    client = OpenAI(base_url=base_url, api_key="unused")
+    requests = json.load(open(requests_file, encoding="utf-8"))
+    greedy = dict(model=model, max_tokens=requests["max_tokens"], temperature=0.0, seed=0)
+    completions = [client.completions.create(prompt=prompt, **greedy).choices[0].text
+                   for prompt in requests["completions"]]
+    chats = [client.chat.completions.create(messages=messages, **greedy).choices[0].message.content
+             for messages in requests["chats"]]
+    result = {"models": sorted(m.id for m in client.models.list().data), "completions": completions, "chats": chats}
+    with open(out_file, "w", encoding="utf-8") as out:
+        json.dump(result, out, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
