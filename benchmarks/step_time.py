@@ -32,7 +32,11 @@ SHAPE = dict(hidden_size=576, num_layers=30, num_attention_heads=9, num_query_gr
              vocab_size=49152)
 
 
-def _build(seq: int, rank: int):
+def build_stack(*, seq: int, rank: int, shape: dict = SHAPE, dtype=None, device: str = "cpu"):
+    """(model, adapters, shared): a megatron-core GPTModel of `shape` (local spec; random frozen weights in `dtype`,
+    float32 by default, initialized on `device`) whose every `linear_qkv` is wrapped once by `TiedLoraQKV` holding
+    the lora, tl6 and tl6-reference adapters (all disabled; :func:`enable` picks one), B drawn non-zero.
+    `adapters[name]` lists (wrapper, adapter module) per layer; `shared` holds tl6's A and B."""
     import torch
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
@@ -53,20 +57,22 @@ def _build(seq: int, rank: int):
 
     compat.apply()
     ensure_process_groups(world_size=1, global_rank=0)
-    d = SHAPE["hidden_size"]
+    dtype = dtype or torch.float32
+    d = shape["hidden_size"]
     config = TransformerConfig(
-        num_layers=SHAPE["num_layers"], hidden_size=d, num_attention_heads=SHAPE["num_attention_heads"],
-        num_query_groups=SHAPE["num_query_groups"], ffn_hidden_size=SHAPE["ffn_hidden_size"],
+        num_layers=shape["num_layers"], hidden_size=d, num_attention_heads=shape["num_attention_heads"],
+        num_query_groups=shape["num_query_groups"], ffn_hidden_size=shape["ffn_hidden_size"],
         normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        use_cpu_initialization=True, params_dtype=torch.float32)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=SHAPE["vocab_size"],
+        use_cpu_initialization=device == "cpu", params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16)
+    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=shape["vocab_size"],
                      max_sequence_length=seq, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=True)
+                     share_embeddings_and_output_weights=shape.get("tied", True))
     for p in model.parameters():
         p.requires_grad_(False)
-    out = qkv_out_width(d, SHAPE["num_attention_heads"], SHAPE["num_query_groups"])
+    out = qkv_out_width(d, shape["num_attention_heads"], shape["num_query_groups"])
     cfgs = {"lora": TiedLoraConfig(preset="lora", rank=rank), "tl6": TiedLoraConfig(preset="tl6", rank=rank)}
     shared = TiedLoraSharedAdapter(in_features=d, out_features=out, tiedlora=cfgs["tl6"])
     adapters = {name: [] for name in CONFIGS[1:]}
@@ -90,6 +96,10 @@ def _build(seq: int, rank: int):
         attention.linear_qkv = wrapper
         for name, module in built.items():
             adapters[name].append((wrapper, module))
+    shared.to(device=device, dtype=dtype)
+    for modules in adapters.values():
+        for _, module in modules:
+            module.to(device=device, dtype=dtype)
     with torch.no_grad():  # B starts at zero (the model equals the base); non-zero B makes every factor work
         for modules in adapters.values():
             for _, module in modules:
@@ -97,14 +107,16 @@ def _build(seq: int, rank: int):
     return model, adapters, shared
 
 
-def _params(name, adapters, shared):
+def trainable(name, adapters) -> list:
+    """The trainable adapter tensors of configuration `name` (none for the frozen base; tl6's A and B once)."""
     if name == "base":
         return []
     params = {id(p): p for _, module in adapters[name] for p in module.factors if p.requires_grad}
     return list(params.values())
 
 
-def _enable(name, adapters) -> None:
+def enable(name, adapters) -> None:
+    """Turn on the adapter `name` in every layer (every other one off; "base": all off)."""
     for adapter, modules in adapters.items():
         for wrapper, _ in modules:
             wrapper.adapter_cfg[adapter]["enabled"] = adapter == name
@@ -114,17 +126,17 @@ def measure(*, steps: int, rounds: int, seq: int, rank: int, threads: int) -> di
     import torch
 
     torch.set_num_threads(threads)
-    model, adapters, shared = _build(seq, rank)
+    model, adapters, _ = build_stack(seq=seq, rank=rank)
     model.train()
     model.embedding.word_embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, SHAPE["vocab_size"], (steps + 1, 1, seq + 1), generator=generator)
     positions = torch.arange(seq).unsqueeze(0)
-    optimizers = {name: torch.optim.Adam(_params(name, adapters, shared), lr=1e-4) if name != "base" else None
+    optimizers = {name: torch.optim.Adam(trainable(name, adapters), lr=1e-4) if name != "base" else None
                   for name in CONFIGS}
 
     def step(name: str, index: int) -> float:
-        _enable(name, adapters)
+        enable(name, adapters)
         started = time.perf_counter()
         loss = model(input_ids=tokens[index, :, :-1], position_ids=positions, attention_mask=None,
                      labels=tokens[index, :, 1:]).mean()
@@ -147,7 +159,7 @@ def measure(*, steps: int, rounds: int, seq: int, rank: int, threads: int) -> di
         rows.append({"config": name, "step_s": statistics.median(times), "rounds_s": times,
                      "x_lora": statistics.median(c[name] / c["lora"] for c in cycles),
                      "x_base": statistics.median(c[name] / c["base"] for c in cycles),
-                     "trainable": sum(p.numel() for p in _params(name, adapters, shared))})
+                     "trainable": sum(p.numel() for p in trainable(name, adapters))})
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
                "load_average_at_end": os.getloadavg()}

@@ -299,8 +299,13 @@ def check_command(command: Command) -> None:
     tokens = _tokens(command)
     if tokens[0] == "pip":
         return
+    if tokens[0] == "bash" and tokens[1] != "scripts/run.sh":  # another script: it exists and has the options
+        script = REPO / tokens[1]
+        assert script.is_file(), f"{command.where}: unknown script {tokens[1]}"
+        missing = [token for token in tokens[2:] if token.startswith("--") and token not in script.read_text()]
+        assert not missing, f"{command.where}: {tokens[1]} has no option {missing}"
+        return
     if tokens[0] == "bash":
-        assert tokens[1] == "scripts/run.sh", f"{command.where}: unknown script {tokens[1]}"
         known = _run_sh_commands()
         assert tokens[2] in known, f"{command.where}: run.sh has no command {tokens[2]!r} (it has {sorted(known)})"
         if known[tokens[2]]:
