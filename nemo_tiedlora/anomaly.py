@@ -75,8 +75,9 @@ def non_finite_grads(chunks: Sequence[nn.Module]) -> list[str]:
     return _names_of_non_finite(named)
 
 
-def check_finite_grads(chunks: Sequence[nn.Module], *, step: int) -> None:
-    """Raise TiedLoraGradientError on every rank if any rank's adapter gradient is non-finite.
+def non_finite_anywhere(chunks: Sequence[nn.Module]) -> Optional[list[str]]:
+    """``None`` when every rank's adapter gradients are finite; else this rank's non-finite ones by name (empty when
+    only another rank has one). One flag all-reduce and one host sync on a clean step.
 
     Collective when a process group of more than one rank exists: every rank of the world must call it."""
     named = _adapter_grads(chunks)
@@ -86,18 +87,31 @@ def check_finite_grads(chunks: Sequence[nn.Module], *, step: int) -> None:
     elif named:
         device = named[0][1].device
     else:
-        return
+        return None
     flag = _non_finite_flag([grad for _, grad in named], device)
     if distributed:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():  # the one host sync of a clean step
-        return
-    bad = _names_of_non_finite(named)
+        return None
+    return _names_of_non_finite(named)
+
+
+def where_non_finite(bad: Sequence[str]) -> str:
+    """Where a non-finite gradient was seen, for an error message: this rank's parameters, or another rank."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    where = f"in {bad[:4]}{' ...' if len(bad) > 4 else ''} on rank {rank}" if bad else "on another rank"
+    return f"in {list(bad[:4])}{' ...' if len(bad) > 4 else ''} on rank {rank}" if bad else "on another rank"
+
+
+def check_finite_grads(chunks: Sequence[nn.Module], *, step: int) -> None:
+    """Raise TiedLoraGradientError on every rank if any rank's adapter gradient is non-finite.
+
+    Collective when a process group of more than one rank exists: every rank of the world must call it."""
+    bad = non_finite_anywhere(chunks)
+    if bad is None:
+        return
     raise TiedLoraGradientError(
-        f"non-finite (NaN/Inf) adapter gradient at optimizer step {step + 1} {where}: the step is not applied and "
-        "the run stops (no adapter .nemo is written from it). Lower model.optim.lr, set "
+        f"non-finite (NaN/Inf) adapter gradient at optimizer step {step + 1} {where_non_finite(bad)}: the step is not "
+        "applied and the run stops (no adapter .nemo is written from it). Lower model.optim.lr, set "
         "trainer.gradient_clip_val (e.g. 1.0), check the data; then resume from the last checkpoint with "
         "exp_manager.resume_if_exists=True"
     )

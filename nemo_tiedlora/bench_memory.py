@@ -149,7 +149,7 @@ def to_markdown(report: dict[str, Any]) -> str:
              "reference: the plain composition of torch ops (before); fused: the one-piece autograd function "
              "(TP = 1); split: the two halves around the TP region (TP > 1). No dropout (with dropout the fused "
              "functions keep a bool keep-mask: + d bytes per token per layer; the reference keeps the mask and a "
-             "dropped copy of x). Issue 9's table (the same layer at d=4096, measured another way) reads 96 B higher "
+             "dropped copy of x). An earlier count of the same layer at d=4096, made another way, read 96 B higher "
              "on every preset; the differences between presets agree (vera - lora = 3d x 4 B in both).", ""]
     presets = list(PRESETS)
     for model, (d, heads, groups, layers) in MODEL_SHAPES.items():

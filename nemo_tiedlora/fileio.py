@@ -96,6 +96,8 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool) -> Iterator
     try:
         yield tmp
         tmp.chmod(0o755)
+        for written in tmp.rglob("*"):  # readable like any other output: some writers (safetensors) create 0600 files
+            written.chmod(0o755 if written.is_dir() else 0o644)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex}.old"
             os.rename(out_dir, old)

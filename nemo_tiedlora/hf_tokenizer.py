@@ -69,7 +69,8 @@ def portable_config(config: Mapping[str, Any], tokenizer_json: Mapping[str, Any]
     """``tokenizer_config.json`` that loads ``tokenizer_json`` as it is under ``transformers`` 4.x and 5.x.
 
     A byte-level BPE tokenizer is declared as ``PreTrainedTokenizerFast``, loses the SentencePiece-only keys and
-    decodes without "clean-up" of spaces (the byte-level decoder restores the text exactly); any other tokenizer (a SentencePiece one, say, under its own Llama class) is returned unchanged.
+    decodes without "clean-up" of spaces (the byte-level decoder restores the text exactly); any other tokenizer
+    (a SentencePiece one, say, under its own Llama class) is returned unchanged.
     """
     if not is_byte_level_bpe(tokenizer_json):
         return dict(config)

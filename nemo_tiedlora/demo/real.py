@@ -32,7 +32,8 @@ HF_ANSWERS = 16  # test prompts answered again by transformers + peft
 SHARED_CACHE = smollm2.SHARED_CACHE  # the imported .nemo, shared with the study and the real-model tests
 
 
-def _template_overrides(*splits: str) -> tuple[str, ...]:
+def template_overrides(*splits: str) -> tuple[str, ...]:
+    """Hydra overrides that give the splits SmolLM2's chat format (``PROMPT_TEMPLATE``)."""
     return tuple(f"model.data.{split}.prompt_template='{PROMPT_TEMPLATE}'" for split in splits)
 
 
@@ -67,7 +68,8 @@ def hf_answers(base_out: Path, adapter_out: Path, inputs: list[str], *, tokens: 
     return answers
 
 
-def _predictions(work: Path, label: str) -> list[dict]:
+def predictions(work: Path, label: str) -> list[dict]:
+    """The rows of the newest predictions file ``evaluate`` wrote for ``label`` (NeMo's "pred" and "label")."""
     files = sorted(work.glob(f"predictions_{label}*.jsonl"), key=os.path.getmtime)
     return [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
 
@@ -83,14 +85,14 @@ def main(*, work: Path = Path(".cache/demo_smollm2"), settings: DemoSettings = S
     data = extraction.build(work / "data")
     print(f"== task: structured extraction, {data.train} (+ validation, test)\n   e.g. "
           f"{json.loads(data.test.read_text().splitlines()[0])}", flush=True)
-    evaluate_args = dict(data=data, work=work, settings=settings, extra=_template_overrides("test_ds"),
+    evaluate_args = dict(data=data, work=work, settings=settings, extra=template_overrides("test_ds"),
                          scorer=extraction.record_match)
     base_score = evaluate(base=base, adapter=None, label="base", **evaluate_args)
     adapter = finetune(base=base, data=data, work=work, settings=settings,
-                       extra=_template_overrides("train_ds", "validation_ds"))
+                       extra=template_overrides("train_ds", "validation_ds"))
     tuned_score = evaluate(base=base, adapter=adapter, label=settings.preset, **evaluate_args)
     adapter_out, base_out = _export(adapter, base, work)
-    nemo_preds = {row["label"].strip(): row["pred"] for row in _predictions(work, settings.preset)}
+    nemo_preds = {row["label"].strip(): row["pred"] for row in predictions(work, settings.preset)}
     rows = [json.loads(line) for line in data.test.read_text().splitlines()[:HF_ANSWERS]]
     for row in rows:
         row["pred"] = nemo_preds[row["output"].strip()]  # NeMo's predictions file holds the label, not the raw input

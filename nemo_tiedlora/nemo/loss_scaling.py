@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -54,31 +53,20 @@ def guard_of(model: Any) -> LossScalingGuard:
     return guard
 
 
-def _overflow_anywhere(bad: list[str]) -> bool:
-    """Whether any rank saw a non-finite scaled adapter gradient (one flag all-reduce when there are ranks)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return bool(bad)
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    flag = torch.tensor([1.0 if bad else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def check_scaled_grads(model: Any, chunks: Sequence[nn.Module], scaler: Any, *, step: int) -> bool:
     """fp16: count an overflow of the scaled adapter gradients (the scaler will skip this step); raise
     TiedLoraGradientError on every rank when the scaler cannot fix it. Returns whether this step overflowed."""
-    from nemo_tiedlora.anomaly import non_finite_grads
+    from nemo_tiedlora.anomaly import non_finite_anywhere, where_non_finite
 
-    bad = non_finite_grads(chunks)
-    if not _overflow_anywhere(bad):
+    bad = non_finite_anywhere(chunks)  # collective: one flag all-reduce
+    if bad is None:
         model._tiedlora_skipped_in_a_row = 0
         return False
     skipped = getattr(model, "_tiedlora_skipped_in_a_row", 0) + 1
     model._tiedlora_skipped_in_a_row = skipped
     guard, scale = guard_of(model), float(scaler.get_scale())
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    where = f"in {bad[:4]}{' ...' if len(bad) > 4 else ''} on rank {rank}" if bad else "on another rank"
+    where = where_non_finite(bad)
     if scale <= guard.min_loss_scale:
         raise TiedLoraGradientError(
             f"fp16 overflow (NaN/Inf adapter gradient) at optimizer step {step + 1} {where} with the loss scale at "

@@ -7,36 +7,25 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import pytest
 
 from tests.distributed.conftest import REPO
+from tests.entry_runs import finetune_command
 from tests.script_env import script_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-SCRIPT = REPO / "examples/nlp/language_modeling/tuning/megatron_gpt_finetuning.py"
 
 
 def test_readme_overrides_run_and_the_log_says_what_happened(dist_base):
     from nemo_tiedlora.checkpoint import load_archive
 
     base, data, work = dist_base
-    command = [
-        sys.executable, str(SCRIPT), f"model.restore_from_path={base}", "trainer.accelerator=cpu",
-        "trainer.devices=2", "model.pipeline_model_parallel_size=2",
+    command = finetune_command(
+        base, data, work, "readme_overrides", 2, "model.pipeline_model_parallel_size=2",
         "model.num_layers_in_first_pipeline_stage=3",  # README, "Model parallelism"
         "model.peft.tiedlora_tuning.check_replicas_every=1",  # README, "Model parallelism"
-        "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=False", "model.global_batch_size=4", "model.micro_batch_size=2",
-        "model.optim.lr=5e-3", "model.peft.tiedlora_tuning.adapter_dim=4",
-        f"model.data.train_ds.file_names=[{data / 'train.jsonl'}]",
-        f"model.data.validation_ds.file_names=[{data / 'validation.jsonl'}]",
-        "model.data.validation_ds.names=[validation]", "model.data.train_ds.max_seq_length=64",
-        "model.data.validation_ds.max_seq_length=64", "model.data.train_ds.memmap_workers=1",
-        f"exp_manager.exp_dir={work}", "name=readme_overrides", "exp_manager.resume_if_exists=False",
-    ]
+        "exp_manager.resume_if_exists=False")
     result = subprocess.run(command, capture_output=True, text=True, env=script_env(), cwd=REPO, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

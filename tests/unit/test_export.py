@@ -175,6 +175,22 @@ def test_write_hf_peft_round_trip_and_refuses_an_existing_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # nothing half-written under the final name
 
 
+def test_exported_folders_are_readable_by_other_users(tmp_path):
+    """A server often runs as another user: every exported file is mode 0644 and the folder 0755 (safetensors alone
+    would create its file 0600), tokenizer files passed to the base writer included."""
+    import stat
+
+    cfg = TiedLoraConfig(preset="tl6", rank=4)
+    config, tensors = hf_peft_adapter(random_state(cfg), cfg, SHAPE)
+    adapter = write_hf_peft(tmp_path / "adapter", config, tensors)
+    base = write_hf_model(tmp_path / "base", {"w": torch.ones(2)}, {"model_type": "llama"},
+                          files={"tokenizer.json": b"{}"})
+    for folder, names in ((adapter, {"adapter_config.json", "adapter_model.safetensors"}),
+                          (base, {"config.json", "model.safetensors", "tokenizer.json"})):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == dict.fromkeys(names, 0o644)
+
+
 # Base model ------------------------------------------------------------------------------------------------------
 
 LLAMA_CFG = dict(mcore_gpt=True, num_layers=2, hidden_size=32, ffn_hidden_size=20, num_attention_heads=4,

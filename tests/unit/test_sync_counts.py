@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nemo_tiedlora.anomaly import check_finite_grads, non_finite_grads
+from nemo_tiedlora.anomaly import check_finite_grads, non_finite_anywhere, non_finite_grads
 from nemo_tiedlora.config import TiedLoraConfig
 from nemo_tiedlora.errors import TiedLoraGradientError
 from nemo_tiedlora.modules import LayerFactors, SharedFactors
@@ -57,7 +57,8 @@ def test_counter_counts_one_host_read_per_tensor_for_per_tensor_checks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_finite_check_reads_the_device_once_per_step(dtype):
-    """check_finite_grads and non_finite_grads on 66 finite gradients: one host read each, no collective (no
+    """check_finite_grads, non_finite_grads and non_finite_anywhere (what the fp16 loss-scaling check calls) on 66
+    finite gradients: one host read each, no collective (no
     process group), and the gradients are left bitwise as they were."""
     chunk = tl6_chunk(dtype)
     before = [param.grad.clone() for param in chunk.parameters()]
@@ -67,6 +68,9 @@ def test_finite_check_reads_the_device_once_per_step(dtype):
     with DeviceTraffic() as traffic:
         assert non_finite_grads([chunk]) == []
     assert len(traffic.host_reads) == 1
+    with DeviceTraffic() as traffic:  # the fp16 loss-scaling check's path
+        assert non_finite_anywhere([chunk]) is None
+    assert (traffic.host_reads, traffic.collectives) == (["item"], [])
     assert all(torch.equal(param.grad, old) for param, old in zip(chunk.parameters(), before))
 
 
