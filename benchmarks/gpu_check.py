@@ -97,9 +97,8 @@ def carried_sizes() -> dict[str, int]:
 
 
 def _carried_work_files() -> list[Path]:
-    names = ["base.nemo", "base.json"]
-    data = WORK / "data"
-    return [WORK / n for n in names] + (sorted(data.iterdir()) if data.is_dir() else [])
+    data = ["manifest.json", "corpus.txt", "tokenizer.model", "train.jsonl", "validation.jsonl", "test.jsonl"]
+    return [WORK / "base.nemo", WORK / "base.json"] + [WORK / "data" / name for name in data]
 
 
 def base_is_current(work: Path = WORK) -> bool:
@@ -253,7 +252,11 @@ def demo_part(out: Path, work: Path, *, steps: int, accelerator: str, timeout: f
     shutil.rmtree(runs_dir, ignore_errors=True)  # the losses are read from the newest run of each name
     processes, status = {}, {}
     for index, name in enumerate(DEMO_RUNS):
-        args = demo_command(name, work=work, steps=steps, accelerator=accelerator)
+        data = runs_dir / f"{name}_data"  # each run's own copy: NeMo builds a line index beside each file
+        data.mkdir(parents=True)
+        for split in ("train.jsonl", "validation.jsonl"):
+            shutil.copy(work / "data" / split, data / split)
+        args = demo_command(name, work=work, data=data, steps=steps, accelerator=accelerator)
         run_log = work / f"{name}.log"
         with open(run_log, "w") as handle:  # the child keeps its own copy of the descriptor
             processes[name] = (subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,

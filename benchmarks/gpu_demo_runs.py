@@ -29,9 +29,9 @@ DEMO_RUNS: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 
 
-def demo_command(name: str, *, work: Path, steps: int, accelerator: str) -> list[str]:
-    """The entry script's command line for run `name` on the base and data prepared in `work`."""
-    data = work / "data"
+def demo_command(name: str, *, work: Path, data: Path, steps: int, accelerator: str) -> list[str]:
+    """The entry script's command line for run `name` on the base prepared in `work` and the SFT splits in `data`
+    (a folder of the run's own: NeMo writes its line index beside each JSONL file)."""
     overrides, _ = DEMO_RUNS[name]
     return [
         sys.executable, str(SCRIPT), f"model.restore_from_path={work / 'base.nemo'}",
