@@ -122,15 +122,11 @@ def layers_that_fit(*, shape: dict, seq: int, rank: int, budget_bytes: float, dt
             "layers_fitting_budget": fit}
 
 
-def measure(*, shape: dict, layers: int | None, seq: int, rank: int, cycles: int, warmup: int, device: str,
-            budget_gb: float = 100.0) -> dict:
+def measure(*, shape: dict, layers: int, seq: int, rank: int, cycles: int, warmup: int, device: str,
+            sizing: dict | None = None) -> dict:
     import torch
 
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    sizing = None
-    if layers is None:
-        sizing = layers_that_fit(shape=shape, seq=seq, rank=rank, budget_bytes=budget_gb * GB, dtype=dtype)
-        layers = sizing["layers"]
     stack = Stack(shape=shape, layers=layers, seq=seq, rank=rank, device=device, dtype=dtype)
     for _ in range(warmup):
         for name in CONFIGS:
@@ -158,15 +154,19 @@ def measure(*, shape: dict, layers: int | None, seq: int, rank: int, cycles: int
 
 def markdown(report: dict) -> str:
     shape = report["shape"]
-    lines = [f"Llama-2 7B layer stack: {shape['num_layers']} layers (d={shape['hidden_size']}, ffn "
+    name = "Llama-2 7B" if shape["hidden_size"] == LLAMA2_7B["hidden_size"] else "tiny (CPU check of the code path)"
+    lines = [f"Layer stack, {name}: {shape['num_layers']} layers (d={shape['hidden_size']}, ffn "
              f"{shape['ffn_hidden_size']}, vocab {shape['vocab_size']}), {report['dtype']}, micro-batch 1 x "
-             f"{report['seq']} tokens, rank {report['rank']}, megatron-core local spec, on {report['machine']['device']}; "
-             f"{report['warmup']} warm-up + {report['cycles']} timed cycles (interleaved)."]
-    if report["sizing"]:
+             f"{report['seq']} tokens, rank {report['rank']}, megatron-core local spec, on "
+             f"{report['machine']['device']}; {report['warmup']} warm-up + {report['cycles']} timed cycles "
+             "(interleaved)."]
+    if report["sizing"] and "per_layer_gb" in report["sizing"]:
         s = report["sizing"]
         lines.append(f"Layers: as many as fit the budget: {s['per_layer_gb']:.2f} GB per layer + {s['fixed_gb']:.2f} "
                      f"GB fixed (tl6 reference, the heaviest) -> {s['layers_fitting_budget']} fit, "
                      f"{shape['num_layers']} run.")
+    if report["sizing"] and report["sizing"].get("retried_after_out_of_memory"):
+        lines.append("(Run with a fifth fewer layers than estimated, after an out-of-memory error.)")
     lines += ["", "| config | step (s) | x lora (paired median) | peak allocated (GB) | trainable |",
               "|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -200,8 +200,26 @@ def main(argv: list[str] | None = None) -> None:
 
         if not torch.cuda.is_available():
             sys.exit("gpu_layer_stack: no CUDA device; run with --tiny for the CPU check of the code path")
-        report = measure(shape=LLAMA2_7B, layers=args.layers, seq=args.seq, rank=args.rank, cycles=args.cycles,
-                         warmup=args.warmup, device="cuda", budget_gb=args.budget_gb)
+        sizing, layers = None, args.layers
+        if layers is None:
+            sizing = layers_that_fit(shape=LLAMA2_7B, seq=args.seq, rank=args.rank, budget_bytes=args.budget_gb * GB,
+                                     dtype=torch.bfloat16)
+            layers = sizing["layers"]
+        report = None
+        try:
+            report = measure(shape=LLAMA2_7B, layers=layers, seq=args.seq, rank=args.rank, cycles=args.cycles,
+                             warmup=args.warmup, device="cuda", sizing=sizing)
+        except torch.cuda.OutOfMemoryError:  # the estimate was off: once more with a fifth fewer layers (below,
+            pass                             # once the error and the frames holding the model are gone)
+        if report is None:
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+            layers = max(1, int(0.8 * layers))
+            sizing = dict(sizing or {}, retried_after_out_of_memory=True)
+            report = measure(shape=LLAMA2_7B, layers=layers, seq=args.seq, rank=args.rank, cycles=args.cycles,
+                             warmup=args.warmup, device="cuda", sizing=sizing)
     text = markdown(report)
     if args.out:
         from nemo_tiedlora.fileio import atomic_write_bytes

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-export GPU_CHECK_STARTED=${GPU_CHECK_STARTED:-$(date +%s)}
+export GPU_CHECK_STARTED=${GPU_CHECK_STARTED:-$(date +%s)} GPU_CHECK_COMMAND="bash scripts/gpu_check.sh $*"
 PARTS=environment,benchmark,pytest,demo
 case "${1:-}" in
   --dry-run)
