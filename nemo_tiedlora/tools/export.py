@@ -50,13 +50,13 @@ def export_hf_peft(*, adapter: Path, base: Path, out: Path, base_out: Optional[P
     if base_out is not None:
         source = read_base(Path(base))  # either checkpoint format, any TP/PP
         state, llama_cfg = nemo_gpt_to_hf_llama(source.state, source.cfg)
-        files = _tokenizer_files(source.cfg.tokenizer, source.artifacts, base, base_out)
+        files = export_tokenizer_files(source.cfg.tokenizer, source.artifacts, base, base_out)
         llama_cfg.update(special_token_ids(files))  # where generation stops, for servers that read config.json
         written["base"] = write_hf_model(base_out, state, llama_cfg, overwrite=overwrite, files=files)
     return written
 
 
-def _tokenizer_files(tokenizer: DictConfig, artifacts: dict[str, bytes], base: Path, base_out: Path) -> dict:
+def export_tokenizer_files(tokenizer: DictConfig, artifacts: dict[str, bytes], base: Path, base_out: Path) -> dict:
     """The base's Hugging Face tokenizer files, declared so that every transformers release (vLLM's included) reads
     them as NeMo does (``hf_tokenizer.portable_files``: repairs archives imported before that rule); none, with a
     warning, for a tokenizer that is not a Hugging Face one."""

@@ -100,22 +100,27 @@ def test_archive_tokenizer_gives_the_gguf_vocabularys_ids_under_transformers_5(
 
 
 def test_export_repair_gives_transformers_5_the_ids_nemo_had_for_a_base_imported_before_the_rule(
-        smollm2_gguf, texts, vllm_venv, tmp_path):
+        smollm2_gguf, texts, vllm_venv, tmp_path, caplog):
     """A tokenizer as the earlier import-hf stored it (transformers 4.51's GGUF loader, declared LlamaTokenizer):
-    transformers 5 reads it into other ids, and after export's repair (``hf_tokenizer.portable_files``) into exactly
-    the ids the pinned transformers (so NeMo) gives it."""
+    transformers 5 reads it into other ids, and the files export writes for it (with a warning naming the fix) into
+    exactly the ids the pinned transformers (so NeMo) gives it."""
     from transformers import AutoTokenizer
 
-    from nemo_tiedlora.hf_tokenizer import from_gguf_before_repair, portable_files
+    from nemo_tiedlora.nemo.hf_import import tokenizer_config
+    from nemo_tiedlora.tools.export import export_tokenizer_files
 
     old, repaired = tmp_path / "old", tmp_path / "repaired"
     AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name).save_pretrained(
         str(old), legacy_format=False)
     files = {p.name: p.read_bytes() for p in old.iterdir() if p.suffix == ".json"}
     assert json.loads(files["tokenizer_config.json"])["tokenizer_class"] == "LlamaTokenizer"
-    assert from_gguf_before_repair(json.loads(files["tokenizer.json"]))
+    section = tokenizer_config(files)  # the base archive's tokenizer section, its files as archive artifacts
+    with caplog.at_level("WARNING", logger="nemo_tiedlora"):
+        written = export_tokenizer_files(section, files, Path("old.nemo"), repaired)
+    assert "run import-hf on the GGUF again" in caplog.text
+    assert written["tokenizer.json"] == files["tokenizer.json"]
     repaired.mkdir()
-    for name, data in portable_files(files).items():
+    for name, data in written.items():
         (repaired / name).write_bytes(data)
     nemo = tokenizer_ids(sys.executable, old, texts, CHATS, tmp_path / "nemo")
     before = tokenizer_ids(vllm_venv / "bin" / "python", old, texts, CHATS, tmp_path / "before")
