@@ -75,6 +75,13 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
                         help=f"training steps (default {defaults.steps}; 60 for --base smollm2)")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"learning rate (default {defaults.lr}; 8e-3 for --base smollm2)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"seed of the adapter's initialization and the training-data order (default {defaults.seed})")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="embedded base: skip training LoRA at the same rank beside the preset (a quicker run)")
+    parser.add_argument("--update", default=None, choices=["fused", "reference"], help=argparse.SUPPRESS)
+    # --update reference (diagnostic, embedded base): the plain composition of the adapter update instead of the
+    # fused one, through nemo_tiedlora.demo.reference_update; equal within float rounding
     parser.set_defaults(handler=_run_demo)
 
 
@@ -85,8 +92,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from nemo_tiedlora.demo.run import DemoSettings
 
     TiedLoraConfig(preset=args.preset, rank=args.rank)  # bad input fails now, not after minutes of work
-    chosen = {k: v for k, v in dict(preset=args.preset, rank=args.rank, steps=args.steps, lr=args.lr).items()
-              if v is not None}
+    chosen = {k: v for k, v in dict(preset=args.preset, rank=args.rank, steps=args.steps, lr=args.lr,
+                                    seed=args.seed, update=args.update).items() if v is not None}
     if args.base == "smollm2":
         from nemo_tiedlora.demo import real
 
@@ -94,7 +101,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 0
     from nemo_tiedlora.demo.run import main
 
-    main(work=args.work or ".cache/demo", settings=dataclasses.replace(DemoSettings(), **chosen))
+    main(work=args.work or ".cache/demo",
+         settings=dataclasses.replace(DemoSettings(), compare=args.compare, **chosen))
     return 0
 
 

@@ -30,7 +30,7 @@ class BaseSpec:
     num_attention_heads: int = 4
     num_query_groups: int = 2
     seq_length: int = 64
-    steps: int = 600
+    steps: int = 2000  # the facts (each animal's home) are recalled from about step 1500 on
     batch_size: int = 16
     lr: float = 3e-3
     seed: int = 1234

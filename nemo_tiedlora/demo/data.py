@@ -4,7 +4,8 @@ Nothing is downloaded. A tiny English-like language over a fixed vocabulary (:da
 generated from a seed:
 
 * the **pretraining corpus** (one document per line) states every animal's home (:data:`HOMES`,
-  ``"the fox is in the river ."``) and adds scenes, repeated lists (plain copying), ``where``
+  ``"the fox lives in the river ."``: ``lives`` is said of homes only, while animals are *in* any place in the
+  other documents, so the facts never contradict each other) and adds scenes, repeated lists (plain copying), ``where``
   questions and *binding stories* (``"the blue cat , the red dog . the blue cat runs ."``), so a small
   GPT trained on it knows the homes and can find words earlier in its context;
 * the **SFT task** asks for one animal's home after a distractor, in a format the corpus never uses::
@@ -56,7 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever a generator changes, so that cached folders from older code are rebuilt.
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 ANIMALS: tuple[str, ...] = (
     "dog", "cat", "bird", "fish", "horse", "cow", "pig", "sheep", "duck", "frog", "fox", "bear",
@@ -68,7 +69,7 @@ VERBS: tuple[str, ...] = ("runs", "sleeps", "eats", "jumps", "sits", "walks", "s
 SIZES: tuple[str, ...] = ("big", "small")
 FUNCTION_WORDS: tuple[str, ...] = (
     "the", "a", "is", "and", "in", "to", "with", "what", "which", "where", "animal",
-    "list", "comes", "after", "home", "of", ".", ",", "?",
+    "list", "comes", "after", "home", "of", "lives", ".", ",", "?",
 )
 #: Every word the corpus and the task use (punctuation marks are words of their own).
 VOCABULARY: tuple[str, ...] = ANIMALS + COLORS + NUMBERS + PLACES + VERBS + SIZES + FUNCTION_WORDS
@@ -211,15 +212,16 @@ HOMES: dict[str, str] = _homes()
 
 
 def _facts(rng: random.Random) -> str:
-    """One to three statements of where animals live (the base model memorizes them)."""
+    """One to three statements of where animals live (the base model memorizes them): ``lives in`` is used for
+    homes only, so every statement of that form is the same fact."""
     sentences = []
     for _ in range(rng.randint(1, 3)):
         animal = rng.choice(ANIMALS)
         home = HOMES[animal]
         sentences.append(rng.choice((
-            f"the {animal} is in the {home} .",
-            f"the {animal} walks to the {home} .",
-            f"where is the {animal} ? the {animal} is in the {home} .",
+            f"the {animal} lives in the {home} .",
+            f"the {rng.choice(COLORS)} {animal} lives in the {home} .",
+            f"where is the {animal} ? the {animal} lives in the {home} .",
         )))
     return " ".join(sentences)
 

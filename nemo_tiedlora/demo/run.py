@@ -30,6 +30,9 @@ class DemoSettings:
     lr: float = 1e-2
     max_seq_length: int = 64
     tokens_to_generate: int = 3
+    seed: int = 1234  # adapter initialization and training-data order
+    compare: bool = True  # also train and evaluate LoRA at the same rank on the same budget
+    update: str = "fused"  # diagnostic: "reference" runs the plain composition (demo/reference_update.py)
 
 
 def _run(args: list[str], *, log: Path, title: str) -> None:
@@ -53,14 +56,22 @@ def _data_overrides(data, settings: DemoSettings) -> list[str]:
     ]
 
 
+def _script(name: str, settings: DemoSettings) -> list[str]:
+    """The command that runs entry script `name`: directly, or through the reference-update launcher."""
+    if settings.update == "reference":
+        return [sys.executable, "-m", "nemo_tiedlora.demo.reference_update", str(entry_script(name))]
+    if settings.update != "fused":
+        raise ValueError(f"update must be 'fused' or 'reference', got {settings.update!r}")
+    return [sys.executable, str(entry_script(name))]
+
+
 def finetune(*, base: Path, data, work: Path, settings: DemoSettings, extra: tuple[str, ...] = ()) -> Path:
     """Fine-tune through examples/.../megatron_gpt_finetuning.py (plus hydra overrides `extra`); return the
     adapter .nemo."""
     exp_dir = work / "runs"
     name = f"demo_{settings.preset}_r{settings.rank}"
     args = [
-        sys.executable,
-        str(entry_script("megatron_gpt_finetuning.py")),
+        *_script("megatron_gpt_finetuning.py", settings),
         f"model.restore_from_path={base}",
         "model.peft.peft_scheme=tiedlora",
         f"model.peft.tiedlora_tuning.preset={settings.preset}",
@@ -75,6 +86,9 @@ def finetune(*, base: Path, data, work: Path, settings: DemoSettings, extra: tup
         f"model.micro_batch_size={settings.batch_size}",
         f"model.optim.lr={settings.lr}",
         "model.optim.sched.warmup_steps=20",
+        f"model.seed={settings.seed}",
+        f"model.peft.tiedlora_tuning.seed={settings.seed}",
+        f"model.data.train_ds.seed={settings.seed}",
         f"exp_manager.exp_dir={exp_dir}",
         f"name={name}",
         "exp_manager.resume_if_exists=False",
@@ -95,8 +109,7 @@ def evaluate(*, base: Path, adapter: Path | None, data, work: Path, settings: De
     `extra`); exact-match score."""
     prefix = work / f"predictions_{label}"
     args = [
-        sys.executable,
-        str(entry_script("megatron_gpt_generate.py")),
+        *_script("megatron_gpt_generate.py", settings),
         f"model.restore_from_path={base}",
         f"model.peft.restore_from_path={adapter if adapter else 'null'}",
         "trainer.accelerator=cpu",
@@ -133,7 +146,10 @@ def _trainable_counts(base: Path, settings: DemoSettings) -> dict:
 
 
 def main(*, work: Path = Path(".cache/demo"), settings: DemoSettings = DemoSettings()) -> dict:
-    """Run the whole demo; print and return the summary."""
+    """Run the whole demo (the chosen preset and, when `settings.compare`, LoRA at the same rank on the same budget);
+    print and return the summary."""
+    import dataclasses
+
     started = time.time()
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -141,31 +157,47 @@ def main(*, work: Path = Path(".cache/demo"), settings: DemoSettings = DemoSetti
     data = build_all(work / "data")
     base = embedded_base(work, data, echo=True)
     base_report = json.loads(base.with_suffix(".json").read_text())
-    adapter = finetune(base=base, data=data, work=work, settings=settings)
+    presets = [settings.preset] + (["lora"] if settings.compare and settings.preset != "lora" else [])
+    runs = {preset: dataclasses.replace(settings, preset=preset) for preset in presets}
+    adapters = {preset: finetune(base=base, data=data, work=work, settings=run) for preset, run in runs.items()}
     base_score = evaluate(base=base, adapter=None, data=data, work=work, settings=settings, label="base")
-    tuned_score = evaluate(base=base, adapter=adapter, data=data, work=work, settings=settings, label=settings.preset)
+    scores = {preset: evaluate(base=base, adapter=adapters[preset], data=data, work=work, settings=run, label=preset)
+              for preset, run in runs.items()}
     report = _trainable_counts(base, settings)
-    row = report["presets"][settings.preset]
+    rows = {preset: {"trainable_parameters": report["presets"][preset]["total"],
+                     "percent_of_lora": report["presets"][preset]["percent_of_lora"],
+                     "adapted_exact_match": scores[preset], "adapter": str(adapters[preset])} for preset in presets}
+    row = rows[settings.preset]
     summary = {
         "preset": settings.preset,
         "rank": settings.rank,
-        "trainable_parameters": row["total"],
+        "seed": settings.seed,
+        "steps": settings.steps,
+        "lr": settings.lr,
+        "update": settings.update,
+        "trainable_parameters": row["trainable_parameters"],
         "percent_of_lora": row["percent_of_lora"],
         "lora_parameters": report["lora_parameters"],
         "base_exact_match": base_score,
-        "adapted_exact_match": tuned_score,
-        "adapter": str(adapter),
+        "adapted_exact_match": row["adapted_exact_match"],
+        "adapter": row["adapter"],
+        "presets": rows,
         "base_model": str(base),
         "base_pretrain_loss": base_report["final_loss"],
         "seconds": round(time.time() - started, 1),
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = "\n".join(
+        f"  {preset:<8} {r['trainable_parameters']:>10,}  {r['percent_of_lora']:6.1f}%   "
+        f"{100 * base_score:5.1f}%  ->  {100 * r['adapted_exact_match']:5.1f}%" for preset, r in rows.items())
+    adapters_text = "\n".join(f"  adapter .nemo ({preset}) {r['adapter']}" for preset, r in rows.items())
     print(
         "\n"
-        f"  Tied-LoRA demo ({settings.preset}, rank {settings.rank}) on the embedded task\n"
-        f"  trainable parameters   {row['total']:,}  ({row['percent_of_lora']:.1f}% of LoRA's {report['lora_parameters']:,})\n"
-        f"  test exact match       base {100 * base_score:5.1f}%  ->  adapted {100 * tuned_score:5.1f}%\n"
-        f"  adapter .nemo          {adapter}\n"
+        f"  Tied-LoRA demo (rank {settings.rank}, {settings.steps} steps, lr {settings.lr:g}, seed {settings.seed}) "
+        "on the embedded task\n"
+        f"  preset   trainable   % of LoRA   test exact match: base -> adapted\n"
+        f"{table}\n"
+        f"{adapters_text}\n"
         f"  wall time              {summary['seconds']:.0f} s\n",
         flush=True,
     )

@@ -110,8 +110,19 @@ def test_answers_are_the_queried_animals_home_as_the_corpus_states_it(built: dat
             answer, words = record["output"], record["input"].split()
             queried = words[-3]  # "... the home of the <animal> is which"
             assert answer in data.PLACES and len(answer.split()) == 1
-            assert f"the {queried} is in the {answer} ." in corpus, "the base can learn the fact in pre-training"
+            assert f"the {queried} lives in the {answer} ." in corpus, "the base can learn the fact in pre-training"
             assert set(words) <= vocabulary
+
+
+def test_the_corpus_says_lives_in_of_each_animals_home_only(built: data.DemoData) -> None:
+    """Every "<animal> lives in the <place>" in the corpus names that animal's home (the facts never disagree), and
+    every animal's home is stated."""
+    import re
+
+    stated = collections.defaultdict(set)
+    for animal, place in re.findall(r"(\w+) lives in the (\w+)", built.corpus.read_text(encoding="utf-8")):
+        stated[animal].add(place)
+    assert dict(stated) == {animal: {home} for animal, home in data.HOMES.items()}
 
 
 def test_trivial_baselines_are_poor(built: data.DemoData) -> None:
