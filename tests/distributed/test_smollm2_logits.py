@@ -23,7 +23,8 @@ PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "The three primary colors are",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
-    " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 13} stones." for i in range(120)),
+    # 1113 tokens: past 1024, as short as that allows (every row of the batch is padded to it)
+    " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 13} stones." for i in range(85)),
 ]
 
 
