@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -205,45 +206,87 @@ def nemo_gpt_to_hf_llama(state_dict: Mapping[str, Any], model_cfg: Any) -> tuple
     """
     _check_llama_expressible(model_cfg)
     src = _normalize_keys(state_dict)
-    layers = int(model_cfg["num_layers"])
-    hidden, heads = int(model_cfg["hidden_size"]), int(model_cfg["num_attention_heads"])
-    groups = int(model_cfg.get("num_query_groups", None) or heads)
-    head_dim = int(model_cfg.get("kv_channels", None) or hidden // heads)
-    ffn = int(model_cfg["ffn_hidden_size"])
-    tied = bool(model_cfg.get("share_embeddings_and_output_weights", True))
-    embedding = src["embedding.word_embeddings.weight"]  # [padded vocab, d]
-    vocab = int(embedding.shape[0])
+    dims = _LlamaDims.of(model_cfg, vocab=int(src["embedding.word_embeddings.weight"].shape[0]))
+    taker = _Taker(src)
+    out = _llama_tensors(taker, dims)
+    unused = sorted(set(src) - taker.used)
+    if taker.missing or taker.wrong or unused:
+        detail = "; ".join(
+            part for part in (
+                f"missing {taker.missing}" if taker.missing else "",
+                f"wrong shapes {taker.wrong}" if taker.wrong else "",
+                f"not expressible in LlamaForCausalLM {unused}" if unused else "",
+            ) if part
+        )
+        raise TiedLoraCheckpointError(
+            f"cannot convert the NeMo GPT state dict to LlamaForCausalLM: {detail}. Pass the whole model.model."
+            f"state_dict() of a TP=1, PP=1 model whose config matches it (num_layers={dims.layers}, "
+            f"hidden_size={dims.hidden}, heads={dims.heads}, query groups={dims.groups}, head_dim={dims.head_dim}, "
+            f"ffn_hidden_size={dims.ffn})"
+        )
+    hf_state = {key: _owned(value.detach().cpu()) for key, value in out.items()}
+    return hf_state, _llama_config(model_cfg, dims, dtype=src["embedding.word_embeddings.weight"].dtype)
 
-    used: set[str] = set()
-    missing: list[str] = []
-    wrong: list[str] = []
 
-    def take(*names: str, shape: tuple[int, ...]) -> Optional[Tensor]:
+@dataclass(frozen=True)
+class _LlamaDims:
+    layers: int
+    hidden: int
+    heads: int
+    groups: int
+    head_dim: int
+    ffn: int
+    vocab: int  # the padded vocabulary (the embedding's rows), so logits match NeMo's over every row
+    tied: bool
+
+    @classmethod
+    def of(cls, model_cfg: Any, *, vocab: int) -> "_LlamaDims":
+        heads, hidden = int(model_cfg["num_attention_heads"]), int(model_cfg["hidden_size"])
+        return cls(layers=int(model_cfg["num_layers"]), hidden=hidden, heads=heads,
+                   groups=int(model_cfg.get("num_query_groups", None) or heads),
+                   head_dim=int(model_cfg.get("kv_channels", None) or hidden // heads),
+                   ffn=int(model_cfg["ffn_hidden_size"]), vocab=vocab,
+                   tied=bool(model_cfg.get("share_embeddings_and_output_weights", True)))
+
+
+class _Taker:
+    """Takes source tensors by name (the first of several spellings present), checking shapes and recording what
+    was used, missing or misshapen, so that one error can list every problem."""
+
+    def __init__(self, src: Mapping[str, Tensor]):
+        self.src, self.used, self.missing, self.wrong = src, set(), [], []
+
+    def __call__(self, *names: str, shape: tuple[int, ...]) -> Optional[Tensor]:
         for name in names:
-            if name in src:
-                used.add(name)
-                if tuple(src[name].shape) != shape:
-                    wrong.append(f"{name} {tuple(src[name].shape)} != {shape}")
+            if name in self.src:
+                self.used.add(name)
+                if tuple(self.src[name].shape) != shape:
+                    self.wrong.append(f"{name} {tuple(self.src[name].shape)} != {shape}")
                     return None
-                return src[name]
-        missing.append(names[0])
+                return self.src[name]
+        self.missing.append(names[0])
         return None
 
-    out: dict[str, Tensor] = {
-        "model.embed_tokens.weight": take("embedding.word_embeddings.weight", shape=(vocab, hidden)),
+
+def _llama_tensors(take: _Taker, dims: _LlamaDims) -> dict[str, Optional[Tensor]]:
+    """LlamaForCausalLM's tensors from megatron-core GPT's: q/k/v de-interleaved, fc1 split into gate and up."""
+    hidden = dims.hidden
+    out: dict[str, Optional[Tensor]] = {
+        "model.embed_tokens.weight": take("embedding.word_embeddings.weight", shape=(dims.vocab, hidden)),
     }
-    qkv_rows = (heads + 2 * groups) * head_dim
-    for i in range(layers):
+    qkv_rows = (dims.heads + 2 * dims.groups) * dims.head_dim
+    for i in range(dims.layers):
         m, h = f"decoder.layers.{i}", f"model.layers.{i}"
         norm1 = take(f"{m}.input_layernorm.weight", f"{m}.self_attention.linear_qkv.layer_norm_weight", shape=(hidden,))
         qkv = take(f"{m}.self_attention.linear_qkv.weight", shape=(qkv_rows, hidden))  # [ng (np/ng + 2) hn, d]
-        proj = take(f"{m}.self_attention.linear_proj.weight", shape=(hidden, heads * head_dim))
+        proj = take(f"{m}.self_attention.linear_proj.weight", shape=(hidden, dims.heads * dims.head_dim))
         norm2 = take(f"{m}.pre_mlp_layernorm.weight", f"{m}.mlp.linear_fc1.layer_norm_weight", shape=(hidden,))
-        fc1 = take(f"{m}.mlp.linear_fc1.weight", shape=(2 * ffn, hidden))  # [gate; up] = [2 ffn, d]
-        fc2 = take(f"{m}.mlp.linear_fc2.weight", shape=(hidden, ffn))
+        fc1 = take(f"{m}.mlp.linear_fc1.weight", shape=(2 * dims.ffn, hidden))  # [gate; up] = [2 ffn, d]
+        fc2 = take(f"{m}.mlp.linear_fc2.weight", shape=(hidden, dims.ffn))
         if any(t is None for t in (norm1, qkv, proj, norm2, fc1, fc2)):
             continue
-        q, k, v = split_fused_qkv(qkv, num_attention_heads=heads, num_query_groups=groups, head_dim=head_dim)
+        q, k, v = split_fused_qkv(qkv, num_attention_heads=dims.heads, num_query_groups=dims.groups,
+                                  head_dim=dims.head_dim)
         gate, up = fc1.chunk(2, dim=0)  # megatron's glu: silu(first half) * second half
         out.update({
             f"{h}.input_layernorm.weight": norm1,
@@ -257,35 +300,25 @@ def nemo_gpt_to_hf_llama(state_dict: Mapping[str, Any], model_cfg: Any) -> tuple
             f"{h}.mlp.down_proj.weight": fc2,
         })
     out["model.norm.weight"] = take("decoder.final_layernorm.weight", shape=(hidden,))
-    if not tied:
-        out["lm_head.weight"] = take("output_layer.weight", shape=(vocab, hidden))
-    elif "output_layer.weight" in src:
-        used.add("output_layer.weight")  # a pipeline-stage copy of the tied embedding: not a separate head
-    unused = sorted(set(src) - used)
-    if missing or wrong or unused:
-        detail = "; ".join(
-            part for part in (
-                f"missing {missing}" if missing else "",
-                f"wrong shapes {wrong}" if wrong else "",
-                f"not expressible in LlamaForCausalLM {unused}" if unused else "",
-            ) if part
-        )
-        raise TiedLoraCheckpointError(
-            f"cannot convert the NeMo GPT state dict to LlamaForCausalLM: {detail}. Pass the whole model.model."
-            f"state_dict() of a TP=1, PP=1 model whose config matches it (num_layers={layers}, hidden_size={hidden}, "
-            f"heads={heads}, query groups={groups}, head_dim={head_dim}, ffn_hidden_size={ffn})"
-        )
-    hf_state = {key: _owned(value.detach().cpu()) for key, value in out.items()}
-    config = {
+    if not dims.tied:
+        out["lm_head.weight"] = take("output_layer.weight", shape=(dims.vocab, hidden))
+    elif "output_layer.weight" in take.src:
+        take.used.add("output_layer.weight")  # a pipeline-stage copy of the tied embedding: not a separate head
+    return out
+
+
+def _llama_config(model_cfg: Any, dims: _LlamaDims, *, dtype: torch.dtype) -> dict[str, Any]:
+    """``LlamaConfig`` kwargs of the NeMo model config."""
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": ffn,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": groups,
-        "head_dim": head_dim,
+        "vocab_size": dims.vocab,
+        "hidden_size": dims.hidden,
+        "intermediate_size": dims.ffn,
+        "num_hidden_layers": dims.layers,
+        "num_attention_heads": dims.heads,
+        "num_key_value_heads": dims.groups,
+        "head_dim": dims.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": int(model_cfg.get("max_position_embeddings", None)
                                        or model_cfg.get("encoder_seq_length", 2048)),
@@ -295,12 +328,11 @@ def nemo_gpt_to_hf_llama(state_dict: Mapping[str, Any], model_cfg: Any) -> tuple
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
-        "tie_word_embeddings": tied,
+        "tie_word_embeddings": dims.tied,
         "initializer_range": float(model_cfg.get("init_method_std", 0.02)),
-        "torch_dtype": str(embedding.dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
-    return hf_state, config
 
 
 def write_hf_model(

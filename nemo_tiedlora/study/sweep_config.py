@@ -174,11 +174,47 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
     Raises:
         SweepConfigError: one message naming every bad field and how to fix it.
     """
-    from nemo_tiedlora.study.tasks import TASKS
-
     problems: list[str] = []
     for key in sorted(set(data) - _TOP_KEYS):
         problems.append(f"unknown field {key!r}: remove it (fields: {', '.join(sorted(_TOP_KEYS))})")
+
+    task, data_source, base, output = _sources(data, problems)
+    presets, ranks, lrs = _grid(data, problems)
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        sections[name] = _section(data.get(name), name=name, cls=cls, problems=problems)
+    training, stopping, generation = sections["training"], sections["early_stopping"], sections["generation"]
+    if training is not None:
+        _check_training(training, problems)
+    if stopping is not None:
+        _check_stopping(stopping, problems)
+    if generation is not None:
+        _check_generation(generation, problems)
+
+    overrides, template, seeds = _extras(data, training, problems)
+
+    if problems:
+        raise SweepConfigError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return SweepConfig(
+        task=task,
+        data=data_source,
+        base=base,
+        output=Path(output).expanduser(),
+        presets=tuple(p.lower() for p in presets),
+        ranks=tuple(ranks),
+        lrs=tuple(lrs),  # type: ignore[arg-type]
+        training=training,
+        early_stopping=stopping,
+        generation=generation,
+        overrides=tuple(overrides),
+        prompt_template=template,
+        rerun_best_seeds=tuple(seeds),
+    )
+
+
+def _sources(data: Mapping[str, Any], problems: list[str]) -> tuple[Any, Any, Any, Any]:
+    """The task, its data, the base and the output folder (problems appended to ``problems``)."""
+    from nemo_tiedlora.study.tasks import TASKS
 
     task = data.get("task")
     if task not in TASKS:
@@ -199,7 +235,11 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
     output = data.get("output")
     if not isinstance(output, str) or not output.strip():
         problems.append(f"output {output!r}: give the folder for results.csv, results.json, runs and logs")
+    return task, data_source, base, output
 
+
+def _grid(data: Mapping[str, Any], problems: list[str]) -> tuple[list[Any], list[Any], list[float]]:
+    """The grid: presets, ranks and learning rates, each a non-empty list without repeats."""
     presets = _as_list(data.get("presets"))
     if not presets:
         problems.append(f"presets {data.get('presets')!r}: give a non-empty list of {', '.join(PRESETS)}")
@@ -232,18 +272,11 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
             problems.append(f"lrs {bad!r}: every learning rate must be a number > 0")
         elif len(set(lrs)) != len(lrs):
             problems.append(f"lrs {lrs_raw!r} repeat a value: list each learning rate once")
+    return presets, ranks, lrs
 
-    sections: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        sections[name] = _section(data.get(name), name=name, cls=cls, problems=problems)
-    training, stopping, generation = sections["training"], sections["early_stopping"], sections["generation"]
-    if training is not None:
-        _check_training(training, problems)
-    if stopping is not None:
-        _check_stopping(stopping, problems)
-    if generation is not None:
-        _check_generation(generation, problems)
 
+def _extras(data: Mapping[str, Any], training: Any, problems: list[str]) -> tuple[list[str], Any, list[Any]]:
+    """Hydra overrides, the prompt template and the seeds of the best runs' reruns."""
     overrides = _as_list(data.get("overrides", []) or [])
     if overrides is None or not all(isinstance(o, str) and "=" in o for o in overrides):
         problems.append(f"overrides {data.get('overrides')!r}: give a list of hydra overrides 'key=value'")
@@ -257,24 +290,7 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
         seeds = []
     elif len(set(seeds)) != len(seeds) or (training is not None and training.seed in seeds):
         problems.append(f"rerun_best_seeds {seeds!r}: list each seed once and not training.seed (the grid's seed)")
-
-    if problems:
-        raise SweepConfigError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return SweepConfig(
-        task=task,
-        data=data_source,
-        base=base,
-        output=Path(output).expanduser(),
-        presets=tuple(p.lower() for p in presets),
-        ranks=tuple(ranks),
-        lrs=tuple(lrs),  # type: ignore[arg-type]
-        training=training,
-        early_stopping=stopping,
-        generation=generation,
-        overrides=tuple(overrides),
-        prompt_template=template,
-        rerun_best_seeds=tuple(seeds),
-    )
+    return overrides, template, seeds
 
 
 def _check_template(template: Any, problems: list[str]) -> None:
