@@ -1,4 +1,4 @@
-"""Helpers for tests that watch processes end (the sweep's children, issue 12)."""
+"""Helpers for tests that watch processes end (the sweep's children)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m nemo_tiedlora sweep`` as a user types it (issue 12, items 3 and 4), on the tiny base:
+"""``python -m nemo_tiedlora sweep`` as a user types it on the tiny base:
 
 - a run that reaches ``max_steps`` records exactly ``max_steps`` steps and no early stop, and
   ``limit_val_batches: 1`` validates on one batch;

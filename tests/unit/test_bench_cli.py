@@ -1,4 +1,4 @@
-"""``python -m nemo_tiedlora bench`` as typed (issue 12, item 5): the default output is a work folder, never the
+"""``python -m nemo_tiedlora bench`` as typed: the default output is a work folder, never the
 results shipped in benchmarks/results; the base row reports no adapter memory; the tiny base is built in a
 temporary folder and moved into place, so an interrupted build leaves no ``model_weights/`` in --work.
 No NeMo: the measurement and the base's pre-training are stand-ins."""

@@ -1,5 +1,5 @@
 """NeMo's per-field "does not have field.name ... Add this key to cfg" warnings are held back and summarized in one
-INFO line; the list goes to DEBUG; keys already reported are not reported again (issue 12, item 6). No NeMo here:
+INFO line; the list goes to DEBUG; keys already reported are not reported again. No NeMo here:
 the filter sits on a stand-in logger."""
 
 from __future__ import annotations

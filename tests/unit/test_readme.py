@@ -1,4 +1,4 @@
-"""The README is a contract (issue 12): every command and hydra override it shows is checked against the real
+"""The README is a contract: every command and hydra override it shows is checked against the real
 parsers and YAML, and the cheap commands run as written.
 
 Read generically from README.md, so a command added there is checked without touching this file:

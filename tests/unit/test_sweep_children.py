@@ -1,4 +1,4 @@
-"""The sweep's bookkeeping that the README promises (issue 12, items 3 and 4), without NeMo:
+"""The sweep's bookkeeping that the README promises, without NeMo:
 
 - steps run are counted from the per-step training scalars, not from scalars logged per validation batch;
 - ``limit_val_batches: 1`` means one batch (an int), ``1.0`` the whole validation set (a float);
