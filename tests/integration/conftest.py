@@ -27,6 +27,20 @@ def tiny(tmp_path_factory):
     return base, data, spec
 
 
+@pytest.fixture(scope="session")
+def default_demo(tmp_path_factory):
+    """(work folder, completed process) of `python -m nemo_tiedlora demo --no-compare` as a user runs it, once per
+    session: the default recipe on its own base, built from scratch in a fresh folder. Other tests reuse its data and
+    base (the demo's cache) instead of pre-training the base again."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("default_demo")
+    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora", "demo", "--no-compare", "--work", str(work)],
+                            cwd=REPO, capture_output=True, text=True, timeout=1800)
+    return work, result
+
+
 def finetune_cfg(base: Path, data, work: Path, **tuning):
     """The project's finetuning YAML with the overrides a CPU test run needs."""
     from nemo_tiedlora.nemo.finetune import tuning_config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -66,12 +67,19 @@ def installed(tmp_path_factory) -> tuple[Path, dict, Path]:
     return python, env, work
 
 
-def test_demo_sweep_bench_tools_and_entry_scripts_from_the_wheel(installed):
+def test_demo_sweep_bench_tools_and_entry_scripts_from_the_wheel(installed, default_demo):
     python, env, work = installed
     venv = python.parent.parent
 
-    # demo: the tiny base, the data, fine-tuning and generation through the packaged entry scripts
-    output = _run([python, "-m", "nemo_tiedlora", "demo", "--steps", "20", "--work", "demo"], cwd=work, env=env)
+    # demo: fine-tuning and generation through the packaged entry scripts. The data and the pre-trained base are the
+    # session's default demo's (its cache: the same files and manifests), so the base is not pre-trained again.
+    demo_work, _ = default_demo
+    shutil.copytree(demo_work / "data", work / "demo" / "data")
+    for name in ("base.nemo", "base.json"):
+        shutil.copy2(demo_work / name, work / "demo" / name)
+    output = _run([python, "-m", "nemo_tiedlora", "demo", "--steps", "20", "--no-compare", "--work", "demo"],
+                  cwd=work, env=env)
+    assert "pre-training the tiny base" not in output  # the copied cache was taken
     assert "nemo_tiedlora/scripts/megatron_gpt_finetuning.py" in output and str(venv) in output
     summary = json.loads((work / "demo" / "summary.json").read_text())
     adapter, base = Path(summary["adapter"]), work / "demo" / "base.nemo"
