@@ -27,7 +27,8 @@ LAUNCH_VARIABLES = ("SLURM_", "TORCHELASTIC_", "RANK", "WORLD_SIZE", "LOCAL_RANK
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Start from an environment no launcher touched; returns a setter for one launcher's variables."""
+    """Start from an environment no launcher touched; returns a setter for one launcher's variables. Afterwards the
+    whole environment is as before the test (monkeypatch's own undo runs after this restores it)."""
     import os
 
     from nemo_tiedlora.nemo import cluster
@@ -42,8 +43,13 @@ def launched(monkeypatch):
         for name, value in variables.items():
             monkeypatch.setenv(name, value)
 
+    before = dict(os.environ)
     yield set_variables
     cluster.forget()
+    # what the code under test wrote itself (Lightning's SLURM environment sets MASTER_ADDR/MASTER_PORT, the run
+    # folder rule NEMO_EXPM_VERSION) must not reach later tests' child processes: back to the environment as it was
+    os.environ.clear()
+    os.environ.update(before)
 
 
 def _trainer_environment(devices: int, num_nodes: int):
