@@ -21,7 +21,14 @@ from nemo_tiedlora.nemo.gpt_config import llama_gpt_config
 
 def _artifact_key(filename: str) -> str:
     stem, ext = filename.rsplit(".", 1)
-    return f"{stem}_{ext}"  # OmegaConf keys cannot hold '.'; the compat fix maps it back
+    return f"{stem}_{ext}"  # OmegaConf keys cannot hold '.'; artifact_file_name maps it back
+
+
+def artifact_file_name(key: str) -> str:
+    """The file name of a ``tokenizer.hf_files`` key (the inverse of ``_artifact_key``: ``tokenizer_json`` ->
+    ``tokenizer.json``)."""
+    stem, ext = str(key).rsplit("_", 1)
+    return f"{stem}.{ext}"
 
 
 def tokenizer_config(files: dict[str, bytes], chat_template: Any = None) -> dict[str, Any]:
@@ -47,12 +54,11 @@ def archive_tokenizer_files(tokenizer: Any, artifacts: dict[str, bytes]) -> dict
         return {}
     files = {}
     for key, value in (tokenizer.get("hf_files") or {}).items():
-        stem, ext = str(key).rsplit("_", 1)
         member = str(value).removeprefix("nemo:")
         if member not in artifacts:
             raise TiedLoraCheckpointError(f"the archive's tokenizer names {member} but does not hold it: the archive "
                                           "is incomplete; import the model again with import-hf")
-        files[f"{stem}.{ext}"] = artifacts[member]
+        files[artifact_file_name(key)] = artifacts[member]
     return files
 
 

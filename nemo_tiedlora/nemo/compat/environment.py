@@ -184,6 +184,8 @@ def hf_tokenizer_from_archive() -> None:
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
     from omegaconf import open_dict
 
+    from nemo_tiedlora.nemo.hf_import import artifact_file_name
+
     original = MegatronBaseModel._build_tokenizer
     if getattr(original, "_nemo_tiedlora_fix", False):
         return
@@ -197,8 +199,7 @@ def hf_tokenizer_from_archive() -> None:
         try:
             for key in list(tok.hf_files.keys()):
                 path = self.register_artifact(f"tokenizer.hf_files.{key}", tok.hf_files[key])
-                stem, ext = key.rsplit("_", 1)
-                shutil.copyfile(path, os.path.join(folder, f"{stem}.{ext}"))
+                shutil.copyfile(path, os.path.join(folder, artifact_file_name(key)))
             with open_dict(self._cfg):
                 tok.type = folder  # AutoTokenizer.from_pretrained(folder): read into memory now
             original(self)
