@@ -13,9 +13,9 @@ setup(
     description="Tied-LoRA: weight-tied low-rank adapters for NVIDIA NeMo and Megatron",
     packages=find_packages(include=["nemo_tiedlora", "nemo_tiedlora.*"]),
     # the study configs and the entry scripts' hydra YAML travel with the package (a wheel runs what a checkout runs)
-    package_data={"nemo_tiedlora": ["conf/*.yaml", "scripts/conf/*.yaml"]},
+    package_data={"nemo_tiedlora": ["apps/conf/*.yaml", "apps/entry_scripts/conf/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[],  # torch, nemo_toolkit, megatron-core: see requirements/ (kept out so containers keep theirs)
     extras_require={"export": ["safetensors", "peft", "transformers"]},
-    entry_points={"console_scripts": ["nemo-tiedlora=nemo_tiedlora.cli:main"]},
+    entry_points={"console_scripts": ["nemo-tiedlora=nemo_tiedlora.apps.cli:main"]},
 )

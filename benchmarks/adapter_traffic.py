@@ -48,8 +48,8 @@ def main() -> None:
     )
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from nemo_tiedlora.config import TiedLoraConfig
-    from nemo_tiedlora.functional import qkv_out_width, tied_lora_update
+    from nemo_tiedlora.core.config import TiedLoraConfig
+    from nemo_tiedlora.core.functional import qkv_out_width, tied_lora_update
     from nemo_tiedlora.nemo.adapters import TiedLoraLayerAdapter, TiedLoraQKV, TiedLoraSharedAdapter
     from nemo_tiedlora.nemo import compat
     from nemo_tiedlora.nemo.launch import ensure_process_groups

@@ -8,7 +8,7 @@ On the demo's cached base and data (built first if missing), with the demo's def
   and in the task's new format without an adapter (the base score);
 - **runs**: the default preset (tl6, rank 8) fine-tuned and evaluated through the entry scripts for each seed, with
   one thread (``OMP_NUM_THREADS=1``) and with torch's default thread count, with the fused update and with the
-  reference composition (``--update reference``: ``nemo_tiedlora.demo.reference_update``); each run's per-step
+  reference composition (``--update reference``: ``nemo_tiedlora.apps.demo.reference_update``); each run's per-step
   training losses (NeMo's ``reduced_train_loss``) and validation loss;
 - **lora**: LoRA at the same rank, steps and rate for each seed (default threads, fused update): the ceiling.
 
@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from nemo_tiedlora.demo.data import ANIMALS, HOMES, build_all, score  # noqa: E402
-from nemo_tiedlora.demo.embedded import embedded_base  # noqa: E402
-from nemo_tiedlora.demo.run import DemoSettings, evaluate, finetune  # noqa: E402
-from nemo_tiedlora.fileio import atomic_write_bytes  # noqa: E402
+from nemo_tiedlora.apps.demo.data import ANIMALS, HOMES, build_all, score  # noqa: E402
+from nemo_tiedlora.apps.demo.embedded import embedded_base  # noqa: E402
+from nemo_tiedlora.apps.demo.run import DemoSettings, evaluate, finetune  # noqa: E402
+from nemo_tiedlora.core.fileio import atomic_write_bytes  # noqa: E402
 
 THREADS = ("1", "default")
 UPDATES = ("fused", "reference")

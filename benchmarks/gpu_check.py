@@ -103,8 +103,8 @@ def _carried_work_files() -> list[Path]:
 
 def base_is_current(work: Path = WORK) -> bool:
     """Whether the prepared data and base in `work` are what :func:`prepare` builds from the code as it is now."""
-    from nemo_tiedlora.demo.base_model import BaseSpec, _fingerprint
-    from nemo_tiedlora.demo.data import DATA_VERSION
+    from nemo_tiedlora.apps.demo.base_model import BaseSpec, _fingerprint
+    from nemo_tiedlora.apps.demo.data import DATA_VERSION
 
     try:
         manifest = json.loads((work / "data" / "manifest.json").read_text())
@@ -177,8 +177,8 @@ def prune() -> None:
 
 def prepare(work: Path = WORK) -> Path:
     """The embedded demo data and base in `work` (built once on CPU; reused when their inputs are unchanged)."""
-    from nemo_tiedlora.demo.data import build_all
-    from nemo_tiedlora.demo.embedded import embedded_base
+    from nemo_tiedlora.apps.demo.data import build_all
+    from nemo_tiedlora.apps.demo.embedded import embedded_base
 
     work.mkdir(parents=True, exist_ok=True)
     data = build_all(work / "data")
@@ -407,7 +407,7 @@ def run(out: Path, *, parts: list[str], rehearse: bool, started: float) -> dict:
             _guarded(summary, "pytest", lambda: _finish_pytest(out, *side, left("pytest")))
     summary["seconds"] = round(time.time() - started, 1)
     text = markdown(summary)
-    from nemo_tiedlora.fileio import atomic_write_bytes
+    from nemo_tiedlora.core.fileio import atomic_write_bytes
 
     for folder in [out] if rehearse else [out, RESULTS]:
         folder.mkdir(parents=True, exist_ok=True)

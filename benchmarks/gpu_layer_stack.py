@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                              warmup=args.warmup, device="cuda", sizing=sizing)
     text = markdown(report)
     if args.out:
-        from nemo_tiedlora.fileio import atomic_write_bytes
+        from nemo_tiedlora.core.fileio import atomic_write_bytes
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ TP2 and TP2+SP.
 Each reduction configuration is one run of tests/distributed/driver.py (the NeMo fine-tuning path) on a 4-layer
 tiny base. The activation traffic is counted by benchmarks/adapter_traffic.py (one real TP2 QKV linear wrapped by
 TiedLoraQKV, megatron's mapping helpers wrapped to count), before (x [tokens, d] entering the TP region) and after
-(g = u * (A x) [tokens, r]), next to the count by construction (nemo_tiedlora.bench_memory.adapter_traffic).
+(g = u * (A x) [tokens, r]), next to the count by construction (nemo_tiedlora.apps.bench_memory.adapter_traffic).
 Writes parallel_overhead_<device>.json and .md. Timings are measurements, not assertions.
 """
 
@@ -36,8 +36,8 @@ def main() -> None:
     import torch
     from tqdm import tqdm
 
-    from nemo_tiedlora.demo.base_model import BaseSpec, build_base_model
-    from nemo_tiedlora.demo.data import build_all
+    from nemo_tiedlora.apps.demo.base_model import BaseSpec, build_base_model
+    from nemo_tiedlora.apps.demo.data import build_all
     from tests.distributed.conftest import DRIVER, torchrun
 
     traffic = _activation_traffic(Path(tempfile.mkdtemp(prefix="tiedlora_traffic_")), torchrun)
@@ -87,7 +87,7 @@ def main() -> None:
 
 def _activation_traffic(work: Path, torchrun) -> list[dict]:
     """The adapter's collectives per layer per micro-batch at TP2 and TP2+SP: measured and by construction."""
-    from nemo_tiedlora.bench_memory import adapter_traffic
+    from nemo_tiedlora.apps.bench_memory import adapter_traffic
 
     script = REPO / "benchmarks" / "adapter_traffic.py"
     rows = []

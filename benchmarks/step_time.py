@@ -43,8 +43,8 @@ def build_stack(*, seq: int, rank: int, shape: dict = SHAPE, dtype=None, device:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from nemo_tiedlora.config import TiedLoraConfig
-    from nemo_tiedlora.functional import qkv_out_width, tied_lora_update
+    from nemo_tiedlora.core.config import TiedLoraConfig
+    from nemo_tiedlora.core.functional import qkv_out_width, tied_lora_update
     from nemo_tiedlora.nemo import compat
     from nemo_tiedlora.nemo.adapters import TiedLoraLayerAdapter, TiedLoraQKV, TiedLoraSharedAdapter
     from nemo_tiedlora.nemo.launch import ensure_process_groups

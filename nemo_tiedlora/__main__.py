@@ -1,5 +1,5 @@
-"""``python -m nemo_tiedlora``: see :mod:`nemo_tiedlora.cli`."""
+"""``python -m nemo_tiedlora``: see :mod:`nemo_tiedlora.apps.cli`."""
 
-from nemo_tiedlora.cli import main
+from nemo_tiedlora.apps.cli import main
 
 raise SystemExit(main())

@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.fused import fused_tied_lora_update
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.autograd import fused_tied_lora_update
 
 D, RANK, OUT, SCALE = 64, 8, 96, 0.5
 # Presets that train different subsets of (A, B, u, v): tl6 all four, tl2 A, u, v; vera u, v over frozen random A, B;

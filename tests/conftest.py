@@ -9,8 +9,8 @@ import pytest
 @pytest.fixture(scope="session")
 def dist_base(tmp_path_factory):
     """(base .nemo, data folder, work folder): a 4-layer GQA base (4 heads, 2 query groups) trained 20 steps."""
-    from nemo_tiedlora.demo.base_model import BaseSpec, build_base_model
-    from nemo_tiedlora.demo.data import build_all
+    from nemo_tiedlora.apps.demo.base_model import BaseSpec, build_base_model
+    from nemo_tiedlora.apps.demo.data import build_all
 
     work = tmp_path_factory.mktemp("dist")
     data = build_all(work / "data")
@@ -23,7 +23,7 @@ def dist_base(tmp_path_factory):
 @pytest.fixture(scope="session")
 def script_tp1(dist_base):
     """The adapter the entry script writes at TP=PP=DP=1 (one process): every launch mode's reference."""
-    from nemo_tiedlora.checkpoint import load_archive
+    from nemo_tiedlora.formats.adapter_archive import load_archive
     from tests.entry_runs import run_finetune
 
     base, data, work = dist_base

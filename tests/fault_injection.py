@@ -149,9 +149,9 @@ def _install() -> None:
 
         tarfile.TarFile.addfile = addfile
     elif kind == "nan-grad":
-        import nemo_tiedlora.parallel as parallel
+        import nemo_tiedlora.nemo.grad_sync as grad_sync
 
-        original_reduce = parallel.reduce_adapter_grads
+        original_reduce = grad_sync.reduce_adapter_grads
         steps = []
 
         def reduce_adapter_grads(chunks, **kwargs):
@@ -166,7 +166,7 @@ def _install() -> None:
                             grad.view(-1)[0] = float("nan")
                             return
 
-        parallel.reduce_adapter_grads = reduce_adapter_grads
+        grad_sync.reduce_adapter_grads = reduce_adapter_grads
     else:
         raise SystemExit(f"unknown TIEDLORA_FAULT={FAULT!r}")
 

@@ -129,7 +129,7 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
 def assert_resumed_equal(killed_dir: Path, reference_dir: Path) -> None:
     """The killed-and-resumed run ends bitwise equal to the uninterrupted one: adapter .nemo and -last checkpoint
     (adapter and optimizer state), and nothing partial is left in its checkpoints folder."""
-    from nemo_tiedlora.checkpoint import load_archive
+    from nemo_tiedlora.formats.adapter_archive import load_archive
 
     assert_same_tensors(load_archive(adapter_nemo(killed_dir)).tensors,
                         load_archive(adapter_nemo(reference_dir)).tensors, "adapter .nemo")

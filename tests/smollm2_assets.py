@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from nemo_tiedlora.demo.smollm2 import EXTRA, gguf_path
+    from nemo_tiedlora.apps.demo.smollm2 import EXTRA, gguf_path
 
     try:
         return gguf_path()
@@ -33,7 +33,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_nemo(smollm2_gguf) -> Path:
-    from nemo_tiedlora.demo.smollm2 import imported_base
+    from nemo_tiedlora.apps.demo.smollm2 import imported_base
 
     return imported_base(REPO / ".cache" / "smollm2")
 

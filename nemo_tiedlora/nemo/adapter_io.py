@@ -1,5 +1,5 @@
 """NeMo's save/load flows for Tied-LoRA adapters (nemo glue layer), in the TP/PP-independent archive of
-`nemo_tiedlora.checkpoint`.
+`nemo_tiedlora.formats.adapter_archive`.
 
 For models that carry Tied-LoRA adapters, `model.save_to(path)` (what exp_manager calls to write the adapter .nemo)
 goes to `save_adapter`, and `model.load_adapters(path)` (the finetuning and generation scripts'
@@ -19,15 +19,15 @@ import torch.distributed as dist
 from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
 from omegaconf import OmegaConf
 
-from nemo_tiedlora.checkpoint import check_base_shape, is_tiedlora_archive, load_archive, save_archive
-from nemo_tiedlora.errors import TiedLoraCheckpointError
-from nemo_tiedlora.merge import layer_key
-from nemo_tiedlora.modules import PARAM_NAMES
+from nemo_tiedlora.formats.adapter_archive import check_base_shape, is_tiedlora_archive, load_archive, save_archive
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError
+from nemo_tiedlora.formats.adapter_keys import layer_key
+from nemo_tiedlora.core.modules import PARAM_NAMES
 from nemo_tiedlora.nemo.compat.patch import HOOK_MARK, marked, wrap_once
 from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
-from nemo_tiedlora.nemo.state import gather_adapter_state
-from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
-from nemo_tiedlora.shape import model_shape
+from nemo_tiedlora.nemo.adapter_state import gather_adapter_state
+from nemo_tiedlora.nemo.find_adapters import iter_layer_adapters, iter_shared_adapters
+from nemo_tiedlora.core.model_shape import model_shape
 
 logger = logging.getLogger("nemo_tiedlora")
 

@@ -27,8 +27,8 @@ from nemo.collections.common.parts.adapter_modules import AdapterModuleUtil
 from nemo.core.classes.mixins.adapter_mixins import AdapterModuleMixin
 from torch import nn
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.modules import LayerFactors, SharedFactors
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.modules import LayerFactors, SharedFactors
 
 ADAPTER_NAME = "tiedlora"
 
@@ -149,14 +149,14 @@ class TiedLoraShared(nn.Module, AdapterModuleMixin):
 class TiedLoraQKV(nn.Module, AdapterModuleMixin):
     """`linear_qkv` with the Tied-LoRA update added: returns `(out + update, bias)` like the wrapped module.
 
-    The update runs as the fused functions of `nemo_tiedlora.fused` (rank-sized saved state) on every path. A and
+    The update runs as the fused functions of `nemo_tiedlora.core.autograd` (rank-sized saved state) on every path. A and
     u are applied to this rank's own input, *before* the tensor-parallel region, so what crosses ranks is
     g = u * (A x) [tokens, r], never the [tokens, d] input (spec section 5):
 
     - TP = 1: no region; the one-piece fused function.
     - TP > 1, no sequence parallelism: x is the same on every TP rank; `copy_to_tensor_model_parallel_region(g)`
       (forward: identity; backward: all-reduce of dg [s, b, r]). The gradients of A and u are then complete on
-      every TP rank (`parallel.py` does not sum them over TP); B's and v's rows are partial and summed.
+      every TP rank (`nemo/grad_sync.py` does not sum them over TP); B's and v's rows are partial and summed.
     - Sequence parallelism: x is this rank's sequence shard [s/tp, b, d]; g_local = u * (A x_local) [s/tp, b, r]
       goes through `gather_from_sequence_parallel_region` (forward: all-gather to [s, b, r]; backward:
       reduce-scatter of dg). A's and u's gradients are partial over the shards and summed over TP.

@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from nemo_tiedlora.errors import TiedLoraConfigError
+from nemo_tiedlora.core.errors import TiedLoraConfigError
 
 _trainer: list[weakref.ref] = []  # the trainer the entry script built, held weakly (a dropped one is forgotten)
 

@@ -16,11 +16,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 logger = logging.getLogger("nemo_tiedlora")
 
 
-TUNING_CONF = Path(__file__).resolve().parents[1] / "scripts" / "conf"  # the entry scripts' YAML (package data)
+TUNING_CONF = Path(__file__).resolve().parents[1] / "apps" / "entry_scripts" / "conf"  # the entry scripts' YAML (package data)
 
 
 def tuning_config(name: str = "finetuning") -> DictConfig:
-    """A fresh copy of the YAML an entry script runs with (``nemo_tiedlora/scripts/conf/megatron_gpt_<name>_config.yaml``:
+    """A fresh copy of the YAML an entry script runs with (``nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_<name>_config.yaml``:
     ``finetuning``, ``generate``, ``tiedlora_merge``), for code that runs those steps in-process."""
     path = TUNING_CONF / f"megatron_gpt_{name}_config.yaml"
     if not path.exists():
@@ -74,7 +74,7 @@ def _peft_config_class(scheme: str):
     from nemo.collections.nlp.parts.peft_config import PEFT_CONFIG_MAP
 
     if scheme not in PEFT_CONFIG_MAP:
-        from nemo_tiedlora.errors import TiedLoraConfigError
+        from nemo_tiedlora.core.errors import TiedLoraConfigError
 
         known = sorted(str(k) for k in PEFT_CONFIG_MAP if k is not None)
         raise TiedLoraConfigError(f"unknown model.peft.peft_scheme={scheme!r}: choose one of {known}")
@@ -156,7 +156,7 @@ def load_for_inference(cfg: DictConfig) -> tuple[Any, Any]:
     (model.peft.restore_from_path, if any) loaded, as NeMo's megatron_gpt_generate.py builds them."""
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
 
-    from nemo_tiedlora.checkpoint import is_tiedlora_archive
+    from nemo_tiedlora.formats.adapter_archive import is_tiedlora_archive
 
     _prepare(cfg)
     trainer = _build_trainer(cfg)

@@ -1,8 +1,8 @@
 """The adapter's gradient sums in NeMo's training step (nemo glue layer).
 
 Once per optimizer step, after the pipeline's backward and before the data-parallel reduction, the replicated
-factors' gradients are summed over TP/PP (`nemo_tiedlora.parallel`), optionally the replicas are compared, and a
-NaN/Inf gradient stops the run (`nemo_tiedlora.anomaly`; in fp16 with a loss scaler an overflow is the scaler's to
+factors' gradients are summed over TP/PP (`nemo_tiedlora.nemo.grad_sync`), optionally the replicas are compared, and a
+NaN/Inf gradient stops the run (`nemo_tiedlora.core.anomaly`; in fp16 with a loss scaler an overflow is the scaler's to
 skip first: `nemo_tiedlora.nemo.loss_scaling`). NeMo reaches that point in one of two functions (the optimizer
 paths that reach neither are refused before launch: `nemo_tiedlora.nemo.optimizer_paths`):
 
@@ -24,7 +24,7 @@ import weakref
 from typing import Any, Callable, Optional
 
 from nemo_tiedlora.nemo.compat.patch import marked, wrap_once
-from nemo_tiedlora.nemo.walk import model_chunks, unwrap
+from nemo_tiedlora.nemo.find_adapters import model_chunks, unwrap
 
 logger = logging.getLogger("nemo_tiedlora")
 
@@ -59,9 +59,10 @@ def before_data_parallel_reduction(model: Any) -> None:
     """Once per optimizer step, before the DP reduction: (optionally) check replicas, then sum adapter grads."""
     if not hasattr(model, "_tiedlora_steps"):
         return  # no tiedlora adapters in this model
-    from nemo_tiedlora.anomaly import check_finite_grads
+    from nemo_tiedlora.core.anomaly import check_finite_grads
     from nemo_tiedlora.nemo.loss_scaling import active_scaler, check_scaled_grads
-    from nemo_tiedlora.parallel import check_replicas, reduce_adapter_grads
+    from nemo_tiedlora.nemo.replica_check import check_replicas
+    from nemo_tiedlora.nemo.grad_sync import reduce_adapter_grads
 
     chunks = model_chunks(model)
     every = getattr(model, "_tiedlora_check_every", 0)

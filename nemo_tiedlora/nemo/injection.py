@@ -14,13 +14,13 @@ from typing import Any, Callable
 
 from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
 
-from nemo_tiedlora.errors import TiedLoraConfigError
+from nemo_tiedlora.core.errors import TiedLoraConfigError
 from nemo_tiedlora.nemo import grad_hooks
 from nemo_tiedlora.nemo.adapters import TiedLoraQKV, TiedLoraShared
 from nemo_tiedlora.nemo.compat.patch import marked, wrap_once
 from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
 from nemo_tiedlora.nemo.summary import log_parameter_summary
-from nemo_tiedlora.nemo.walk import SHARED_ATTR, iter_layer_adapters, model_chunks
+from nemo_tiedlora.nemo.find_adapters import SHARED_ATTR, iter_layer_adapters, model_chunks
 
 def _out_rows(out_features: int, tensor_parallel_size: int) -> slice | None:
     """This TP rank's rows of the fused QKV output (None without tensor parallelism)."""
@@ -116,7 +116,7 @@ def wrap_add_adapter(original: Callable) -> Callable:
             attach(self, tied_cfgs[0])
         original(self, peft_cfgs)
         if tied_cfgs:
-            from nemo_tiedlora.parallel import tag_for_clipping
+            from nemo_tiedlora.nemo.grad_sync import tag_for_clipping
 
             tag_for_clipping(model_chunks(self))
             configure_dropout(self, tied_cfgs[0])

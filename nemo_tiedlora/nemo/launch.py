@@ -94,7 +94,7 @@ def user_errors() -> Iterator[None]:
     """Around an entry script's work: our own errors (bad config, data, archive) end the script with their message
     as the last line of the output and exit status 2, without Hydra's traceback (a gradient anomaly too);
     `HYDRA_FULL_ERROR=1` keeps the traceback (the exception propagates to Hydra unchanged)."""
-    from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError, TiedLoraGradientError
+    from nemo_tiedlora.core.errors import TiedLoraCheckpointError, TiedLoraConfigError, TiedLoraGradientError
 
     try:
         yield
@@ -123,7 +123,7 @@ def dist_timeout() -> datetime.timedelta:
     except ValueError:
         minutes = -1.0
     if minutes <= 0:
-        from nemo_tiedlora.errors import TiedLoraConfigError
+        from nemo_tiedlora.core.errors import TiedLoraConfigError
 
         raise TiedLoraConfigError(f"{TIMEOUT_ENV}={raw!r}: set it to a positive number of minutes")
     return datetime.timedelta(minutes=minutes)
@@ -213,7 +213,7 @@ def ensure_process_groups(
         launched = cluster.world()
         asked = (world_size, global_rank, launched.local_rank if local_rank is None else local_rank)
         if launched.external and asked != (launched.world_size, launched.global_rank, launched.local_rank):
-            from nemo_tiedlora.errors import TiedLoraConfigError
+            from nemo_tiedlora.core.errors import TiedLoraConfigError
 
             raise TiedLoraConfigError(
                 f"{launched.launcher} started this process as rank {launched.global_rank} of {launched.world_size} "

@@ -8,9 +8,9 @@ overflow: after the closure the scaler unscales, finds it, skips ``optimizer.ste
 - fp16 with an enabled scaler: an overflow is left to the scaler (the step is skipped, the scale lowered, the run
   goes on); the run stops with one line (``TiedLoraGradientError``) only for what the scaler cannot fix:
   ``fp16_max_skipped_steps`` optimizer steps skipped in a row, or an overflow while the loss scale is already at or
-  below ``fp16_min_loss_scale`` (keys of ``model.peft.tiedlora_tuning``, ``nemo_tiedlora.config.LossScalingGuard``);
+  below ``fp16_min_loss_scale`` (keys of ``model.peft.tiedlora_tuning``, ``nemo_tiedlora.core.config.LossScalingGuard``);
 - bf16, fp32, or fp16 without a scaler (NeMo's PEFT trainer builder disables it at PP > 1): a non-finite gradient
-  stops the run at once (``nemo_tiedlora.anomaly.check_finite_grads``).
+  stops the run at once (``nemo_tiedlora.core.anomaly.check_finite_grads``).
 
 Every rank takes the same decision (one flag all-reduce over the world group), so all ranks skip or stop together.
 """
@@ -23,8 +23,8 @@ from typing import Any, Optional, Sequence
 import torch.distributed as dist
 from torch import nn
 
-from nemo_tiedlora.config import LossScalingGuard
-from nemo_tiedlora.errors import TiedLoraGradientError
+from nemo_tiedlora.core.config import LossScalingGuard
+from nemo_tiedlora.core.errors import TiedLoraGradientError
 
 logger = logging.getLogger("nemo_tiedlora")
 
@@ -56,7 +56,7 @@ def guard_of(model: Any) -> LossScalingGuard:
 def check_scaled_grads(model: Any, chunks: Sequence[nn.Module], scaler: Any, *, step: int) -> bool:
     """fp16: count an overflow of the scaled adapter gradients (the scaler will skip this step); raise
     TiedLoraGradientError on every rank when the scaler cannot fix it. Returns whether this step overflowed."""
-    from nemo_tiedlora.anomaly import non_finite_anywhere, where_non_finite
+    from nemo_tiedlora.core.anomaly import non_finite_anywhere, where_non_finite
 
     bad = non_finite_anywhere(chunks)  # collective: one flag all-reduce
     if bad is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_tiedlora.errors import TiedLoraConfigError
+from nemo_tiedlora.core.errors import TiedLoraConfigError
 
 MCORE_DISTRIBUTED = "mcore_distributed_optim"
 APEX_DISTRIBUTED = "distributed_fused_adam"

@@ -16,10 +16,10 @@ from nemo.collections.nlp.parts import peft_config as nemo_peft_config
 from nemo.collections.nlp.parts.peft_config import PEFT_CONFIG_MAP, PEFTConfig
 from omegaconf import OmegaConf
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.errors import TiedLoraConfigError
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.errors import TiedLoraConfigError
 from nemo_tiedlora.nemo.adapters import ADAPTER_NAME, TiedLoraAdapterConfig
-from nemo_tiedlora.shape import model_shape
+from nemo_tiedlora.core.model_shape import model_shape
 
 SCHEME = "tiedlora"
 TUNING_KEY = "tiedlora_tuning"

@@ -7,7 +7,7 @@ archive named by `model.peft.restore_from_path`, and (for training) the JSONL fi
 - a TP/PP layout the base cannot run (checked here, before the torchrun relaunch and before any process group);
 - processes started by SLURM or torchrun that do not match trainer.num_nodes x trainer.devices
   (`nemo_tiedlora.nemo.cluster.check_launch`);
-- bad training / validation data (`nemo_tiedlora.data_check`).
+- bad training / validation data (`nemo_tiedlora.formats.sft_jsonl`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_tiedlora.checkpoint import tar_error_text
-from nemo_tiedlora.errors import TiedLoraCheckpointError
+from nemo_tiedlora.formats.adapter_archive import tar_error_text
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError
 
 logger = logging.getLogger("nemo_tiedlora")
 
@@ -40,7 +40,7 @@ def check_before_launch(cfg: DictConfig, *, training: bool) -> None:
     base_cfg = read_model_config(Path(base), what="model.restore_from_path") if base else None
     if base_cfg is not None and cfg.model.get("peft", {}).get("peft_scheme") == "tiedlora":
         from nemo_tiedlora.nemo.peft import check_parallel_layout
-        from nemo_tiedlora.shape import model_shape
+        from nemo_tiedlora.core.model_shape import model_shape
 
         check_parallel_layout(cfg.model, model_shape(base_cfg))
     adapter = cfg.model.get("peft", {}).get("restore_from_path")
@@ -123,8 +123,8 @@ def read_model_config(path: Path, *, what: str) -> DictConfig:
 
 
 def check_training_data(cfg: DictConfig, *, base: Optional[Path], base_cfg: Optional[DictConfig]) -> None:
-    """Every file of model.data.train_ds and validation_ds (nemo_tiedlora.data_check)."""
-    from nemo_tiedlora.data_check import check_files
+    """Every file of model.data.train_ds and validation_ds (nemo_tiedlora.formats.sft_jsonl)."""
+    from nemo_tiedlora.formats.sft_jsonl import check_files
 
     count_tokens = token_counter(base, base_cfg) if base is not None and base_cfg is not None else None
     data = cfg.model.get("data", {})
@@ -138,7 +138,7 @@ def check_training_data(cfg: DictConfig, *, base: Optional[Path], base_cfg: Opti
 
 def data_spec(section: Any, name: str, *, generation: bool):
     """The DataSpec of a YAML dataset section (tokens_to_generate only where NeMo generates: validation/test)."""
-    from nemo_tiedlora.data_check import DataSpec
+    from nemo_tiedlora.formats.sft_jsonl import DataSpec
 
     section = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
     return DataSpec(

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from nemo_tiedlora.functional import lora_parameter_count, parameter_counts
-from nemo_tiedlora.modules import FACTOR_OF_PARAM
-from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
+from nemo_tiedlora.core.functional import lora_parameter_count, parameter_counts
+from nemo_tiedlora.core.modules import FACTOR_OF_PARAM
+from nemo_tiedlora.nemo.find_adapters import iter_layer_adapters, iter_shared_adapters
 
 logger = logging.getLogger("nemo_tiedlora")
 

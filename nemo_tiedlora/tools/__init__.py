@@ -7,6 +7,6 @@
 - ``inspect``: what an adapter archive holds (no NeMo).
 
 They import the core (``reshard``, ``merge``, ``checkpoint``, ``hf_export``, ``hf_import``, ``shape``) and the NeMo
-glue (``nemo.base_io``, the one ``.nemo`` base reader / writer), never the applications (cli, demo, study, bench),
+glue (``nemo.base_archive``, the one ``.nemo`` base reader / writer), never the applications (cli, demo, study, bench),
 which import them.
 """

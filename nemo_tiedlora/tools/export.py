@@ -1,7 +1,7 @@
 """``export``: an adapter as plain per-layer LoRA, for serving stacks (tools layer; CPU, one process).
 
 - :func:`export_hf_peft`: Hugging Face PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) and,
-  with ``base_out``, the base as a HF ``LlamaForCausalLM`` checkpoint (the pure mapping: ``nemo_tiedlora.hf_export``)
+  with ``base_out``, the base as a HF ``LlamaForCausalLM`` checkpoint (the pure mapping: ``nemo_tiedlora.formats.hf.nemo_to_hf``)
   with the tokenizer files the base carries (what vLLM or transformers load with it);
 - :func:`export_nemo_lora`: NeMo's own ``lora`` adapter ``.nemo``, written by NeMo.
 
@@ -19,15 +19,15 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nemo_tiedlora.checkpoint import AdapterArchive, check_base_shape, load_archive
-from nemo_tiedlora.errors import TiedLoraCheckpointError
-from nemo_tiedlora.fileio import check_output
-from nemo_tiedlora.hf_export import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
-from nemo_tiedlora.hf_tokenizer import from_gguf_before_repair, portable_files, special_token_ids
-from nemo_tiedlora.merge import per_layer_lora
-from nemo_tiedlora.nemo.base_io import base_config, batch_sizes_in_force, loadable_at_tp1, read_base, save_to
-from nemo_tiedlora.nemo.hf_import import archive_tokenizer_files
-from nemo_tiedlora.shape import model_shape
+from nemo_tiedlora.formats.adapter_archive import AdapterArchive, check_base_shape, load_archive
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError
+from nemo_tiedlora.core.fileio import check_output
+from nemo_tiedlora.formats.hf.nemo_to_hf import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
+from nemo_tiedlora.formats.hf.tokenizer import from_gguf_before_repair, portable_files, special_token_ids
+from nemo_tiedlora.formats.merge_delta import per_layer_lora
+from nemo_tiedlora.nemo.base_archive import base_config, batch_sizes_in_force, loadable_at_tp1, read_base, save_to
+from nemo_tiedlora.nemo.hf_base_config import archive_tokenizer_files
+from nemo_tiedlora.core.model_shape import model_shape
 
 logger = logging.getLogger("nemo_tiedlora")
 

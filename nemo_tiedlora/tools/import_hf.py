@@ -1,9 +1,9 @@
 """``import-hf``: a Hugging Face Llama-family checkpoint (folder or .gguf) -> a self-contained base ``.nemo``
 (tools layer).
 
-The checkpoint is read by ``nemo_tiedlora.hf_source`` and mapped by ``nemo_tiedlora.hf_import`` (both pure), its
-NeMo config assembled by ``nemo.hf_import`` (tokenizer inside the archive) and the archive written by
-``nemo.base_io``: legacy per-rank, or NeMo's distributed checkpoint, at any TP/PP, through a temporary name.
+The checkpoint is read by ``nemo_tiedlora.formats.hf.source`` and mapped by ``nemo_tiedlora.formats.hf.llama_to_nemo`` (both pure), its
+NeMo config assembled by ``nemo.hf_base_config`` (tokenizer inside the archive) and the archive written by
+``nemo.base_archive``: legacy per-rank, or NeMo's distributed checkpoint, at any TP/PP, through a temporary name.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from nemo_tiedlora.errors import TiedLoraConfigError
-from nemo_tiedlora.fileio import check_output
-from nemo_tiedlora.hf_import import nemo_model_config, nemo_state_dict, vocab_divisor
-from nemo_tiedlora.hf_source import open_source, tokenizer_files
-from nemo_tiedlora.nemo.base_io import BaseCheckpoint, check_format, write_base
-from nemo_tiedlora.nemo.hf_import import nemo_config, tokenizer_config
-from nemo_tiedlora.reshard import layout_for, padded_vocab
+from nemo_tiedlora.core.errors import TiedLoraConfigError
+from nemo_tiedlora.core.fileio import check_output
+from nemo_tiedlora.formats.hf.llama_to_nemo import nemo_model_config, nemo_state_dict, vocab_divisor
+from nemo_tiedlora.formats.hf.source import open_source, tokenizer_files
+from nemo_tiedlora.nemo.base_archive import BaseCheckpoint, check_format, write_base
+from nemo_tiedlora.nemo.hf_base_config import nemo_config, tokenizer_config
+from nemo_tiedlora.formats.reshard import layout_for, padded_vocab
 
 logger = logging.getLogger("nemo_tiedlora")
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from nemo_tiedlora.checkpoint import load_archive
-from nemo_tiedlora.functional import parameter_counts, stored_parameter_counts
-from nemo_tiedlora.merge import layer_key, layers_of
+from nemo_tiedlora.formats.adapter_archive import load_archive
+from nemo_tiedlora.core.functional import parameter_counts, stored_parameter_counts
+from nemo_tiedlora.formats.adapter_keys import layer_key, layers_of
 
 
 def inspect_adapter(adapter: Path) -> dict[str, Any]:

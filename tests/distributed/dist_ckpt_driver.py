@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: 
 
 
 def _fill(model, seed: int) -> None:
-    from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
+    from nemo_tiedlora.nemo.find_adapters import iter_layer_adapters, iter_shared_adapters
 
     named = [(name, param) for shared in iter_shared_adapters(model) for name, param in shared.named_parameters()]
     named += [(f"{number}.{name}", param) for number, adapter in iter_layer_adapters(model)
@@ -56,7 +56,7 @@ def main() -> None:
     from nemo.utils.callbacks.dist_ckpt_io import DistributedCheckpointIO
 
     from nemo_tiedlora.nemo.launch import finish_distributed
-    from nemo_tiedlora.nemo.state import gather_adapter_state
+    from nemo_tiedlora.nemo.adapter_state import gather_adapter_state
 
     base, data, work, tp, pp = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     ckpt = work / "dist_ckpt"

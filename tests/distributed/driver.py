@@ -59,8 +59,9 @@ def main() -> None:
 
     from nemo_tiedlora.nemo.finetune import build, tuning_config
     from nemo_tiedlora.nemo.launch import finish_distributed
-    from nemo_tiedlora.nemo.state import gather_adapter_state
-    from nemo_tiedlora.parallel import STATS, check_replicas
+    from nemo_tiedlora.nemo.adapter_state import gather_adapter_state
+    from nemo_tiedlora.nemo.reduction_stats import STATS
+    from nemo_tiedlora.nemo.replica_check import check_replicas
 
     STATS.timed = True  # the report's reduction seconds (a device synchronize around each one on CUDA)
     cfg = tuning_config("finetuning")
@@ -111,9 +112,9 @@ def main() -> None:
             self.grad_norms.append(float(metrics["grad_norm"]) if "grad_norm" in metrics else float("nan"))
 
     if args.skip_grad_sum:
-        import nemo_tiedlora.parallel as parallel
+        import nemo_tiedlora.nemo.grad_sync as grad_sync
 
-        parallel.reduce_adapter_grads = lambda chunks: None
+        grad_sync.reduce_adapter_grads = lambda chunks: None
 
     recorder = Recorder()
     if args.logits_out:
@@ -133,11 +134,11 @@ def main() -> None:
         from nemo_tiedlora.nemo.adapter_io import save_adapter
 
         save_adapter(model, args.save_adapter)
-    from nemo_tiedlora.nemo.walk import model_chunks
+    from nemo_tiedlora.nemo.find_adapters import model_chunks
 
     checked = check_replicas(model_chunks(model))
     state = gather_adapter_state(model)
-    from nemo_tiedlora.parallel import STATS
+    from nemo_tiedlora.nemo.reduction_stats import STATS
 
     if torch.distributed.get_rank() == 0:
         torch.save({"losses": recorder.losses, "grad_norms": recorder.grad_norms, "state": state, "initial": initial,

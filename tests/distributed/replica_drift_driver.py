@@ -19,8 +19,8 @@ from torch import nn
 def main() -> None:
     from megatron.core import parallel_state
 
-    from nemo_tiedlora.modules import REPLICA_TAG, REPLICATED_IN_LAYER, REPLICATED_MODEL_WIDE
-    from nemo_tiedlora.parallel import ReplicaDriftError, check_replicas
+    from nemo_tiedlora.core.modules import REPLICA_TAG, REPLICATED_IN_LAYER, REPLICATED_MODEL_WIDE
+    from nemo_tiedlora.nemo.replica_check import ReplicaDriftError, check_replicas
 
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)

@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: 
 def main() -> None:
     from megatron.core import parallel_state
 
-    from nemo_tiedlora.anomaly import check_finite_grads
-    from nemo_tiedlora.errors import TiedLoraGradientError
-    from nemo_tiedlora.parallel import ReplicaDriftError, check_replicas, reduce_adapter_grads
+    from nemo_tiedlora.core.anomaly import check_finite_grads
+    from nemo_tiedlora.core.errors import TiedLoraGradientError
+    from nemo_tiedlora.nemo.replica_check import ReplicaDriftError, check_replicas
+    from nemo_tiedlora.nemo.grad_sync import reduce_adapter_grads
     from tests.host_syncs import DeviceTraffic
     from tests.unit.test_sync_counts import tl6_chunk
 

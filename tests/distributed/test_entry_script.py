@@ -24,7 +24,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_entry_script_layout_equals_tp1(layout, dist_base, script_tp1):
-    from nemo_tiedlora.checkpoint import load_archive
+    from nemo_tiedlora.formats.adapter_archive import load_archive
 
     base, data, work = dist_base
     devices, overrides = LAYOUTS[layout]

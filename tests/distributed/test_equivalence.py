@@ -106,7 +106,7 @@ def test_without_the_gradient_sums_replicas_drift_and_the_check_fails(dist_base)
 def test_adapter_archive_loads_at_any_tp_pp(dist_base, reference):
     """Saved at TP1/PP1, loaded at TP2 x PP2 (4 processes, uneven nothing): every rank's replicas hold the archive's
     tensors, and saving again from TP2 x PP2 gives the same archive content."""
-    from nemo_tiedlora.checkpoint import load_archive
+    from nemo_tiedlora.formats.adapter_archive import load_archive
 
     _, _, work = dist_base
     saved = work / "tp1_adapter.nemo"

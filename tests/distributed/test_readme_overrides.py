@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def test_readme_overrides_run_and_the_log_says_what_happened(dist_base):
-    from nemo_tiedlora.checkpoint import load_archive
+    from nemo_tiedlora.formats.adapter_archive import load_archive
 
     base, data, work = dist_base
     command = finetune_command(

@@ -33,7 +33,7 @@ def test_cuda_fp16_autocast_dtypes_and_values(split):
 def test_cuda_function_computes_in_its_inputs_dtype_under_autocast():
     """TiedLoraUpdate given float32 CUDA inputs inside a bf16 autocast region computes in float32, bitwise equal
     to the call without autocast."""
-    from nemo_tiedlora.fused import TiedLoraUpdate
+    from nemo_tiedlora.core.autograd import TiedLoraUpdate
 
     g = torch.Generator().manual_seed(0)
     x, a, b = torch.randn(8, 2, 64, generator=g), torch.randn(8, 64, generator=g), torch.randn(96, 8, generator=g)
@@ -49,7 +49,7 @@ def test_cuda_function_computes_in_its_inputs_dtype_under_autocast():
 def test_cuda_shard_masks_are_the_rows_of_the_whole_sequence_mask(count):
     """Sequence shards' masks drawn by a CUDA generator (the Philox draw depends on the whole tensor's size) are the
     rows of the whole [S, B, D] mask that torch draws from the same state."""
-    from nemo_tiedlora.fused import sequence_keep_mask
+    from nemo_tiedlora.core.autograd import sequence_keep_mask
 
     s, b, d, p = 64, 2, 128, 0.1
     whole = torch.empty(s, b, d, device="cuda").bernoulli_(1 - p, generator=torch.Generator("cuda").manual_seed(5))

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_update_on_cuda_matches_reference(dtype, tol):
-    from nemo_tiedlora.functional import tied_lora_update
+    from nemo_tiedlora.core.functional import tied_lora_update
 
     g = torch.Generator(device="cpu").manual_seed(0)
     d, r, out = 256, 8, 768
@@ -26,8 +26,8 @@ def test_update_on_cuda_matches_reference(dtype, tol):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_update_on_cuda_matches_reference(dtype, tol):
     """The fused autograd functions (one piece and split) on CUDA: output and every gradient vs the reference."""
-    from nemo_tiedlora.functional import tied_lora_update
-    from nemo_tiedlora.fused import fused_tied_lora_update
+    from nemo_tiedlora.core.functional import tied_lora_update
+    from nemo_tiedlora.core.autograd import fused_tied_lora_update
 
     g = torch.Generator(device="cpu").manual_seed(0)
     d, r, out = 256, 8, 768
@@ -54,7 +54,7 @@ def test_te_fused_layernorm_input():
     from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from nemo_tiedlora.config import TiedLoraConfig
+    from nemo_tiedlora.core.config import TiedLoraConfig
     from nemo_tiedlora.nemo.launch import ensure_process_groups
     from nemo_tiedlora.nemo.adapters import TiedLoraLayerAdapter, TiedLoraQKV, TiedLoraSharedAdapter
 

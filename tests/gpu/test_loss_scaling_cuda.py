@@ -57,7 +57,7 @@ def test_cuda_fp16_overflow_is_skipped_and_the_run_goes_on(dist_base, tmp_path):
 
 
 def test_cuda_fp16_persistent_overflow_stops_with_one_line(dist_base, tmp_path):
-    from nemo_tiedlora.errors import TiedLoraGradientError
+    from nemo_tiedlora.core.errors import TiedLoraGradientError
 
     records, error = _fp16_run(dist_base, tmp_path, overflow_at={0, 1, 2, 3}, steps=4, fp16_max_skipped_steps=3)
     assert isinstance(error, TiedLoraGradientError), repr(error)

@@ -17,8 +17,8 @@ TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=172, num_attention_hea
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """(base .nemo path, DemoData, BaseSpec) for the whole session."""
-    from nemo_tiedlora.demo.base_model import BaseSpec, build_base_model
-    from nemo_tiedlora.demo.data import build_all
+    from nemo_tiedlora.apps.demo.base_model import BaseSpec, build_base_model
+    from nemo_tiedlora.apps.demo.data import build_all
 
     work = tmp_path_factory.mktemp("tiny")
     data = build_all(work / "data")

@@ -100,7 +100,7 @@ def test_torchrun_across_nodes_world(launched):
 def test_loopback_rendezvous_refused_on_a_second_node(launched):
     """A rank on node 2 whose rendezvous address is loopback would dial itself: refused with one line naming
     MASTER_ADDR and the fix; the same address on node 1 (where the store runs) is accepted."""
-    from nemo_tiedlora.errors import TiedLoraConfigError
+    from nemo_tiedlora.core.errors import TiedLoraConfigError
     from nemo_tiedlora.nemo import cluster
 
     launched({**TORCHRUN_2x2_RANK2, "MASTER_ADDR": "127.0.0.1"})
@@ -123,7 +123,7 @@ def test_loopback_rendezvous_refused_on_a_second_node(launched):
 def test_launcher_mismatch_is_one_line(launched, variables, trainer, message):
     """srun's / torchrun's process counts that differ from trainer.num_nodes x trainer.devices are refused with one
     line naming both and the fix (before any process group: the check reads only variables)."""
-    from nemo_tiedlora.errors import TiedLoraConfigError
+    from nemo_tiedlora.core.errors import TiedLoraConfigError
     from nemo_tiedlora.nemo.cluster import check_launch
 
     launched(variables)

@@ -44,7 +44,7 @@ def test_every_patch_is_declared_with_target_scope_reason_and_a_real_condition()
 
 
 def test_cli_compat_lists_every_patch(capsys):
-    from nemo_tiedlora.cli import main
+    from nemo_tiedlora.apps.cli import main
     from nemo_tiedlora.nemo import compat
 
     assert main(["compat"]) == 0
@@ -85,7 +85,7 @@ def test_cpu_tensor_type_is_rebound_only_inside_megatrons_optimizer_calls():
 def test_nemo_lora_on_qkv_and_dense_equals_its_merged_weights(tiny, tmp_path):
     from nemo_tiedlora.nemo import compat
     from nemo_tiedlora.nemo.finetune import build
-    from nemo_tiedlora.nemo.base_io import restore_base as _restore_base
+    from nemo_tiedlora.nemo.cpu_restore import restore_base as _restore_base
 
     base, data, spec = tiny
     cfg = finetune_cfg(base, data, tmp_path)

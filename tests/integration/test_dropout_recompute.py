@@ -21,8 +21,8 @@ D, OUT = 16, 24
 
 
 def _layer(rng):
-    from nemo_tiedlora.config import TiedLoraConfig
-    from nemo_tiedlora.modules import LayerFactors, SharedFactors
+    from nemo_tiedlora.core.config import TiedLoraConfig
+    from nemo_tiedlora.core.modules import LayerFactors, SharedFactors
 
     cfg = TiedLoraConfig(preset="tl6", rank=4, dropout=0.3)
     shared = SharedFactors(cfg, in_features=D, out_features=OUT)

@@ -54,10 +54,10 @@ def test_hf_llama_plus_peft_reproduces_nemo_logits(tuning, tiny, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from nemo_tiedlora.hf_export import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
-    from nemo_tiedlora.merge import per_layer_lora
-    from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
-    from nemo_tiedlora.nemo.state import local_adapter_state
+    from nemo_tiedlora.formats.hf.nemo_to_hf import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
+    from nemo_tiedlora.formats.merge_delta import per_layer_lora
+    from nemo_tiedlora.nemo.find_adapters import iter_layer_adapters, iter_shared_adapters
+    from nemo_tiedlora.nemo.adapter_state import local_adapter_state
 
     _, _, spec = tiny
     trainer, model, peft_cfg, _ = _build(tiny, tmp_path, **tuning)
@@ -117,8 +117,8 @@ def test_hf_llama_plus_peft_reproduces_nemo_logits(tuning, tiny, tmp_path):
 
 
 def test_export_refuses_an_existing_output_dir(tiny, tmp_path):
-    from nemo_tiedlora.hf_export import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
-    from nemo_tiedlora.nemo.state import local_adapter_state
+    from nemo_tiedlora.formats.hf.nemo_to_hf import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
+    from nemo_tiedlora.nemo.adapter_state import local_adapter_state
 
     trainer, model, peft_cfg, _ = _build(tiny, tmp_path, preset="tl5", adapter_dim=4)
     hf_state, hf_config = nemo_gpt_to_hf_llama(model.model.state_dict(), model.cfg)

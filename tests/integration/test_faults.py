@@ -61,7 +61,7 @@ def test_bf16_o2_distributed_optimizer_resumes_bitwise(tiny, tmp_path):
     final = run(finetune_args(base, data, killed, steps=4, extra=extra), tmp_path / "final.log")
     assert final.code == 0, final.output[-3000:]
     assert_resumed_equal(killed, tmp_path / "reference")
-    from nemo_tiedlora.checkpoint import load_archive
+    from nemo_tiedlora.formats.adapter_archive import load_archive
 
     assert str(load_archive(adapter_nemo(killed)).tensors["B"].dtype) == "torch.bfloat16"
 
@@ -78,7 +78,7 @@ def test_nan_gradient_stops_the_run_and_writes_no_adapter(tiny, tmp_path):
 
 @pytest.mark.parametrize("command", ["merge", "convert"])
 def test_kill_during_merge_or_convert_leaves_no_output(tiny, adapter, tmp_path, command):  # noqa: F811
-    from nemo_tiedlora.nemo.base_io import checkpoint_format, read_base
+    from nemo_tiedlora.nemo.base_archive import checkpoint_format, read_base
 
     base, _, _ = tiny
     out = tmp_path / f"{command}.nemo"

@@ -44,8 +44,8 @@ CHATS = [
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory) -> list[str]:
     """TEXTS plus the first eight test prompts of the SmolLM2 demo, in the chat format it trains and serves with."""
-    from nemo_tiedlora.demo import extraction
-    from nemo_tiedlora.demo.real import PROMPT_TEMPLATE
+    from nemo_tiedlora.apps.demo import extraction_data as extraction
+    from nemo_tiedlora.apps.demo.real import PROMPT_TEMPLATE
 
     data = extraction.build(tmp_path_factory.mktemp("extraction"))
     rows = [json.loads(line) for line in data.test.read_text().splitlines()[:8]]
@@ -55,7 +55,7 @@ def texts(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def archive_tokenizer(smollm2_nemo, tmp_path_factory) -> Path:
     """A folder with the tokenizer files the imported .nemo carries (its tokenizer.hf_files artifacts)."""
-    from nemo_tiedlora.nemo.hf_import import archive_tokenizer_files
+    from nemo_tiedlora.nemo.hf_base_config import archive_tokenizer_files
 
     folder = tmp_path_factory.mktemp("archive_tokenizer")
     with tarfile.open(smollm2_nemo) as tar:
@@ -106,7 +106,7 @@ def test_export_repair_gives_transformers_5_the_ids_nemo_had_for_a_base_imported
     exactly the ids the pinned transformers (so NeMo) gives it."""
     from transformers import AutoTokenizer
 
-    from nemo_tiedlora.nemo.hf_import import tokenizer_config
+    from nemo_tiedlora.nemo.hf_base_config import tokenizer_config
     from nemo_tiedlora.tools.export import export_tokenizer_files
 
     old, repaired = tmp_path / "old", tmp_path / "repaired"

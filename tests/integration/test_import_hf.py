@@ -47,7 +47,7 @@ def imported(tmp_path_factory):
 
 
 def nemo_logits(base: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from nemo_tiedlora.nemo.base_io import restore_base
+    from nemo_tiedlora.nemo.cpu_restore import restore_base
 
     gpt = restore_base(base).model.eval()
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
@@ -72,8 +72,8 @@ def test_nemo_logits_equal_transformers(family, imported):
 def test_round_trip_through_export_is_bitwise(family, imported):
     from safetensors.torch import load_file
 
-    from nemo_tiedlora.nemo.base_io import read_base
-    from nemo_tiedlora.hf_export import nemo_gpt_to_hf_llama
+    from nemo_tiedlora.nemo.base_archive import read_base
+    from nemo_tiedlora.formats.hf.nemo_to_hf import nemo_gpt_to_hf_llama
 
     _, _, base = imported(family)
     source = load_file(str(base.parent / "hf" / "model.safetensors"))
@@ -92,9 +92,9 @@ def test_sharded_checkpoint_in_bf16_legacy_tp2(tmp_path):
 
     from safetensors.torch import load_file
 
-    from nemo_tiedlora.nemo.base_io import read_base
-    from nemo_tiedlora.errors import TiedLoraCheckpointError
-    from nemo_tiedlora.hf_export import nemo_gpt_to_hf_llama
+    from nemo_tiedlora.nemo.base_archive import read_base
+    from nemo_tiedlora.core.errors import TiedLoraCheckpointError
+    from nemo_tiedlora.formats.hf.nemo_to_hf import nemo_gpt_to_hf_llama
     from nemo_tiedlora.tools.import_hf import import_hf
 
     build_tiny("llama", tmp_path / "hf", max_shard_size="60KB")
@@ -121,8 +121,8 @@ def test_bf16_distributed_checkpoint_holds_the_source_in_bf16(tmp_path):
     so); restored and exported it holds exactly the source tensors rounded to bf16, and the config says bf16."""
     from safetensors.torch import load_file
 
-    from nemo_tiedlora.hf_export import nemo_gpt_to_hf_llama
-    from nemo_tiedlora.nemo.base_io import base_config, read_base
+    from nemo_tiedlora.formats.hf.nemo_to_hf import nemo_gpt_to_hf_llama
+    from nemo_tiedlora.nemo.base_archive import base_config, read_base
     from nemo_tiedlora.tools.import_hf import import_hf
 
     build_tiny("llama", tmp_path / "hf")
@@ -148,7 +148,7 @@ def test_bf16_distributed_checkpoint_holds_the_source_in_bf16(tmp_path):
 
 
 def test_tokenizer_travels_inside_the_archive(imported, tmp_path):
-    from nemo_tiedlora.nemo.base_io import restore_base
+    from nemo_tiedlora.nemo.cpu_restore import restore_base
 
     _, tokenizer, base = imported("llama")
     with tarfile.open(base) as tar:

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_batched_scores_equal_a_position_by_position_reference(tiny):
-    from nemo_tiedlora.nemo.base_io import restore_base as _restore_base
-    from nemo_tiedlora.study.loglik import ending_loglikelihoods
+    from nemo_tiedlora.nemo.cpu_restore import restore_base as _restore_base
+    from nemo_tiedlora.apps.study.loglik import ending_loglikelihoods
 
     base, _, _ = tiny
     model = _restore_base(base).model
@@ -41,7 +41,7 @@ def test_batched_scores_equal_a_position_by_position_reference(tiny):
 
 
 def test_loglik_command_scores_every_test_item(tiny, tmp_path):
-    from nemo_tiedlora.study.tasks import TASKS
+    from nemo_tiedlora.apps.study.tasks import TASKS
 
     base, _, _ = tiny
     task = TASKS["hellaswag"]
@@ -49,7 +49,7 @@ def test_loglik_command_scores_every_test_item(tiny, tmp_path):
     examples = task.load(tmp_path / "hellaswag", "test")
     out = tmp_path / "scores.json"
     env = script_env()
-    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora.study.loglik", "--base", str(base), "--task",
+    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora.apps.study.loglik", "--base", str(base), "--task",
                              "hellaswag", "--data", str(tmp_path / "hellaswag"), "--out", str(out),
                              "--max-seq-length", "256"], capture_output=True, text=True, env=env, cwd=REPO,
                             timeout=600)

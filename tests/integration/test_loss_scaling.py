@@ -28,7 +28,7 @@ def _flat(*tensors) -> torch.Tensor:
 
 def factors_of(model) -> tuple:
     """The tied A and B of the model's first chunk (both trained in tl6)."""
-    from nemo_tiedlora.nemo.walk import iter_shared_adapters
+    from nemo_tiedlora.nemo.find_adapters import iter_shared_adapters
 
     return next(iter(iter_shared_adapters(model))).factors
 
@@ -71,7 +71,7 @@ def _fp16_run(tiny, tmp_path, *, overflow_at: set, steps: int, init_scale: float
     from omegaconf import open_dict
 
     from nemo_tiedlora.nemo.finetune import build
-    from nemo_tiedlora.nemo.walk import model_chunks
+    from nemo_tiedlora.nemo.find_adapters import model_chunks
 
     base, data, _ = tiny
     cfg = finetune_cfg(base, data, tmp_path, preset="tl6", adapter_dim=4, **tuning)
@@ -118,7 +118,7 @@ def test_persistent_overflow_stops_with_one_line(tiny, tmp_path):
     """Overflow in every step, fp16_max_skipped_steps=3: steps 1 and 2 are skipped (scale 2^16 -> 2^15 -> 2^14),
     the third stops the run with TiedLoraGradientError naming the count, the key and the scale; A and B never
     changed."""
-    from nemo_tiedlora.errors import TiedLoraGradientError
+    from nemo_tiedlora.core.errors import TiedLoraGradientError
 
     records, error = _fp16_run(tiny, tmp_path, overflow_at={0, 1, 2, 3}, steps=4, fp16_max_skipped_steps=3)
     assert isinstance(error, TiedLoraGradientError), repr(error)
@@ -133,7 +133,7 @@ def test_persistent_overflow_stops_with_one_line(tiny, tmp_path):
 
 def test_overflow_at_the_scale_floor_stops_with_one_line(tiny, tmp_path):
     """fp16_min_loss_scale=2: an overflow at scale 4 is skipped (scale -> 2), the next one, at 2, stops the run."""
-    from nemo_tiedlora.errors import TiedLoraGradientError
+    from nemo_tiedlora.core.errors import TiedLoraGradientError
 
     records, error = _fp16_run(tiny, tmp_path, overflow_at={0, 1}, steps=3, init_scale=4.0, fp16_min_loss_scale=2.0)
     assert isinstance(error, TiedLoraGradientError), repr(error)

@@ -68,7 +68,7 @@ def base_logits(tiny, tmp_path_factory):
 @pytest.mark.parametrize("preset", list(PRESET_FLAGS))
 def test_structure_counts_and_step0(preset, tiny, tmp_path, base_logits):
     from nemo_tiedlora.nemo.adapters import TiedLoraQKV
-    from nemo_tiedlora.nemo.walk import iter_layer_adapters, iter_shared_adapters
+    from nemo_tiedlora.nemo.find_adapters import iter_layer_adapters, iter_shared_adapters
     from nemo_tiedlora.nemo.summary import instantiated_counts
 
     _, _, spec = tiny
@@ -114,7 +114,7 @@ def test_structure_counts_and_step0(preset, tiny, tmp_path, base_logits):
 def test_update_and_merge_match_plain_torch(tiny, tmp_path, base_logits):
     """With all factors random, each linear_qkv adds s*v*(B(u*(A x))); merging W' = W + s diag(v) B diag(u) A into
     the base weights reproduces the adapter model's logits."""
-    from nemo_tiedlora.nemo.walk import iter_layer_adapters
+    from nemo_tiedlora.nemo.find_adapters import iter_layer_adapters
 
     _, _, spec = tiny
     trainer, model, peft_cfg, _ = _build(tiny, tmp_path, preset="tl6", adapter_dim=4, alpha=8)
@@ -209,7 +209,7 @@ def test_finetune_saves_restores_and_only_trains_adapters(tiny, tmp_path):
 def test_bad_config_fails_before_training(tuning, words, tiny, tmp_path):
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
 
-    from nemo_tiedlora.errors import TiedLoraConfigError
+    from nemo_tiedlora.core.errors import TiedLoraConfigError
     from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
 
     base, data, _ = tiny
@@ -233,7 +233,7 @@ def test_bad_config_fails_before_training(tuning, words, tiny, tmp_path):
 def test_impossible_parallel_layout_is_refused_up_front(model_overrides, words, tiny, tmp_path):
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
 
-    from nemo_tiedlora.errors import TiedLoraConfigError
+    from nemo_tiedlora.core.errors import TiedLoraConfigError
     from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
 
     base, data, _ = tiny

@@ -51,8 +51,8 @@ def _run(tiny, log_dir, steps: int, resume: bool, stop_after: int | None = None,
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
-    from nemo_tiedlora.checkpoint import is_tiedlora_archive, load_archive
-    from nemo_tiedlora.nemo.state import gather_adapter_state
+    from nemo_tiedlora.formats.adapter_archive import is_tiedlora_archive, load_archive
+    from nemo_tiedlora.nemo.adapter_state import gather_adapter_state
 
     uninterrupted = _run(tiny, tmp_path / "straight", 6, resume=False).losses
     first = _run(tiny, tmp_path / "interrupted", 6, resume=False, stop_after=3, always_save_nemo=True)

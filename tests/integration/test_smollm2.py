@@ -33,7 +33,7 @@ PROMPTS = [
 
 
 def test_logits_equal_transformers_including_a_prompt_over_1024_tokens(smollm2_nemo, hf_model):
-    from nemo_tiedlora.nemo.base_io import restore_base as _restore_base
+    from nemo_tiedlora.nemo.cpu_restore import restore_base as _restore_base
 
     model, tokenizer = hf_model
     long_text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 13} stones."

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tiedlora.cli import main as cli_main
+from nemo_tiedlora.apps.cli import main as cli_main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,7 +89,7 @@ def test_sweep_runs_stops_early_and_reports(tiny, tmp_path, capsys):
 def test_hellaswag_sweep_is_scored_by_log_likelihood(tiny, tmp_path):
     """Multiple choice goes through the log-likelihood scorer: the row carries raw and per-character accuracy over
     every test item, and the metric is the per-character one."""
-    from nemo_tiedlora.study.tasks import TASKS
+    from nemo_tiedlora.apps.study.tasks import TASKS
 
     base, _, _ = tiny
     out = tmp_path / "sweep"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tiedlora.study.child import PID_FILE
+from nemo_tiedlora.apps.study.child import PID_FILE
 from tests.processes import process_gone
 from tests.script_env import script_env
 

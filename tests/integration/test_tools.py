@@ -26,7 +26,7 @@ def trained(tiny, tmp_path_factory):
     """(base, adapter archive, adapter-model logits, tokens, positions, factors) with random factors, alpha=8, r=4."""
     from nemo_tiedlora.nemo.adapter_io import save_adapter
     from nemo_tiedlora.nemo.finetune import build
-    from nemo_tiedlora.nemo.walk import iter_layer_adapters
+    from nemo_tiedlora.nemo.find_adapters import iter_layer_adapters
 
     base, data, spec = tiny
     work = tmp_path_factory.mktemp("tools")
@@ -45,7 +45,7 @@ def trained(tiny, tmp_path_factory):
 
 
 def test_merged_nemo_reproduces_adapter_logits(trained):
-    from nemo_tiedlora.nemo.base_io import restore_base
+    from nemo_tiedlora.nemo.cpu_restore import restore_base
     from nemo_tiedlora.tools.merge import merge
 
     base, adapter, logits, tokens, positions, _, work = trained
@@ -86,8 +86,8 @@ def test_cli_refuses_existing_output_and_foreign_base(trained, tmp_path):
 
 
 def test_adapter_for_another_base_shape_is_refused(trained, tmp_path):
-    from nemo_tiedlora.checkpoint import load_archive, save_archive
-    from nemo_tiedlora.errors import TiedLoraCheckpointError
+    from nemo_tiedlora.formats.adapter_archive import load_archive, save_archive
+    from nemo_tiedlora.core.errors import TiedLoraCheckpointError
     from nemo_tiedlora.tools.merge import merge
 
     base, adapter, _, _, _, _, _ = trained
@@ -130,7 +130,7 @@ def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trai
     import tarfile
     from pathlib import Path
 
-    from nemo_tiedlora.nemo.base_io import restore_base
+    from nemo_tiedlora.nemo.cpu_restore import restore_base
 
     base, adapter, logits, tokens, positions, _, work = trained
     out = work / "merged_legacy.nemo"
@@ -151,7 +151,7 @@ def test_convert_distributed_to_distributed_records_the_layout_and_keeps_the_wei
     """dist -> dist: NeMo restores once and saves with the new TP/PP in its config; the weights are untouched."""
     import tarfile
 
-    from nemo_tiedlora.nemo.base_io import base_config, read_base
+    from nemo_tiedlora.nemo.base_archive import base_config, read_base
     from nemo_tiedlora.tools.convert import convert
 
     base, _, _, _, _, _, work = trained

@@ -47,9 +47,9 @@ def _generate(base, data, adapter) -> list:
 @pytest.fixture(scope="module")
 def adapter(tiny, tmp_path_factory) -> Path:
     """A Tied-LoRA archive for the tiny base (random factors; only its bytes matter here)."""
-    from nemo_tiedlora.checkpoint import expected_shapes, save_archive
-    from nemo_tiedlora.config import TiedLoraConfig
-    from nemo_tiedlora.shape import model_shape
+    from nemo_tiedlora.formats.adapter_archive import expected_shapes, save_archive
+    from nemo_tiedlora.core.config import TiedLoraConfig
+    from nemo_tiedlora.core.model_shape import model_shape
     from nemo_tiedlora.nemo.preflight import read_model_config
 
     base, _, _ = tiny
@@ -138,8 +138,8 @@ def test_cli_wordings_export_overwrite_and_inspect_non_archive(tiny, adapter, tm
 
 
 def test_merge_and_export_refuse_non_finite_archive(tiny, adapter, tmp_path, monkeypatch):
-    import nemo_tiedlora.checkpoint as checkpoint
-    from nemo_tiedlora.checkpoint import load_archive, save_archive
+    import nemo_tiedlora.formats.adapter_archive as checkpoint
+    from nemo_tiedlora.formats.adapter_archive import load_archive, save_archive
 
     base, _, _ = tiny
     archive = load_archive(adapter)

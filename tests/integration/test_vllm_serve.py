@@ -65,8 +65,8 @@ def _wait_until_serving(server: subprocess.Popen, url: str, log: Path) -> None:
 @pytest.fixture(scope="module")
 def served(smollm2_nemo, vllm_venv, tmp_path_factory):
     """NeMo's greedy answers on every demo test prompt, and the README's vLLM server with the exported adapter."""
-    from nemo_tiedlora.demo import extraction, real
-    from nemo_tiedlora.demo.run import evaluate, finetune
+    from nemo_tiedlora.apps.demo import extraction_data as extraction, real
+    from nemo_tiedlora.apps.demo.run import evaluate, finetune
 
     work = tmp_path_factory.mktemp("vllm_serve")
     data = extraction.build(work / "data")
@@ -111,7 +111,7 @@ def served(smollm2_nemo, vllm_venv, tmp_path_factory):
 def _ask(served, model: str, *, prompts: int = 48, chats: bool = True) -> dict:
     """tests/vllm_client.py (the `openai` client, in the serving environment): greedy completions (and chats) for
     the first `prompts` demo test prompts, one request at a time."""
-    from nemo_tiedlora.demo.real import PROMPT_TEMPLATE, SYSTEM
+    from nemo_tiedlora.apps.demo.real import PROMPT_TEMPLATE, SYSTEM
 
     rows = served["rows"][:prompts]
     requests = {"max_tokens": 28,  # the demo's tokens_to_generate

@@ -25,12 +25,12 @@ from tests.script_env import script_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-PACKAGE_DATA = ("nemo_tiedlora/scripts/megatron_gpt_finetuning.py", "nemo_tiedlora/scripts/megatron_gpt_generate.py",
-                "nemo_tiedlora/scripts/megatron_gpt_tiedlora_merge.py",
-                "nemo_tiedlora/scripts/conf/megatron_gpt_finetuning_config.yaml",
-                "nemo_tiedlora/scripts/conf/megatron_gpt_generate_config.yaml",
-                "nemo_tiedlora/scripts/conf/megatron_gpt_tiedlora_merge_config.yaml",
-                "nemo_tiedlora/conf/study.yaml", "nemo_tiedlora/conf/study_smollm2.yaml")
+PACKAGE_DATA = ("nemo_tiedlora/apps/entry_scripts/megatron_gpt_finetuning.py", "nemo_tiedlora/apps/entry_scripts/megatron_gpt_generate.py",
+                "nemo_tiedlora/apps/entry_scripts/megatron_gpt_tiedlora_merge.py",
+                "nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_finetuning_config.yaml",
+                "nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_generate_config.yaml",
+                "nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_tiedlora_merge_config.yaml",
+                "nemo_tiedlora/apps/conf/study.yaml", "nemo_tiedlora/apps/conf/study_smollm2.yaml")
 
 
 def _run(command: list, *, cwd: Path, env: dict, timeout: int = 1800) -> str:
@@ -80,7 +80,7 @@ def test_demo_sweep_bench_tools_and_entry_scripts_from_the_wheel(installed, defa
     output = _run([python, "-m", "nemo_tiedlora", "demo", "--steps", "20", "--no-compare", "--work", "demo"],
                   cwd=work, env=env)
     assert "pre-training the tiny base" not in output  # the copied cache was taken
-    assert "nemo_tiedlora/scripts/megatron_gpt_finetuning.py" in output and str(venv) in output
+    assert "nemo_tiedlora/apps/entry_scripts/megatron_gpt_finetuning.py" in output and str(venv) in output
     summary = json.loads((work / "demo" / "summary.json").read_text())
     adapter, base = Path(summary["adapter"]), work / "demo" / "base.nemo"
     assert adapter.is_file() and base.is_file()
@@ -115,11 +115,11 @@ def test_demo_sweep_bench_tools_and_entry_scripts_from_the_wheel(installed, defa
         assert (work / written).exists(), written
 
     # the entry scripts as modules of the installed package
-    _run([python, "-m", "nemo_tiedlora.scripts.megatron_gpt_tiedlora_merge", f"base={base}", f"adapter={adapter}",
+    _run([python, "-m", "nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge", f"base={base}", f"adapter={adapter}",
           "out=merged_by_script.nemo"], cwd=work, env=env)
     assert (work / "merged_by_script.nemo").is_file()
     data = work / "demo" / "data"
-    output = _run([python, "-m", "nemo_tiedlora.scripts.megatron_gpt_generate", f"model.restore_from_path={base}",
+    output = _run([python, "-m", "nemo_tiedlora.apps.entry_scripts.megatron_gpt_generate", f"model.restore_from_path={base}",
                    f"model.peft.restore_from_path={adapter}", "trainer.accelerator=cpu", "trainer.devices=1",
                    f"model.data.test_ds.file_names=[{data / 'test.jsonl'}]", "model.data.test_ds.names=[test]",
                    "model.data.test_ds.tokens_to_generate=3", "model.data.test_ds.write_predictions_to_file=True",

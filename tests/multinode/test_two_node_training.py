@@ -70,7 +70,7 @@ def _finished(process: subprocess.Popen, log: Path, timeout: float = 900) -> str
 
 
 def _check_run(text: str, work: Path, name: str, reference, what: str) -> None:
-    from nemo_tiedlora.checkpoint import load_archive
+    from nemo_tiedlora.formats.adapter_archive import load_archive
 
     assert SPANS_BOTH in text, f"{what}: the world did not span both nodes"
     assert "bitwise identical on all 4 rank(s)" in text, f"{what}: the replica check did not run"

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_tiedlora.anomaly import check_finite_grads, non_finite_grads
-from nemo_tiedlora.checkpoint import load_archive, save_archive
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraGradientError
-from nemo_tiedlora.modules import REPLICA_TAG
-from tests.unit.test_checkpoint import SHAPE, _state
+from nemo_tiedlora.core.anomaly import check_finite_grads, non_finite_grads
+from nemo_tiedlora.formats.adapter_archive import load_archive, save_archive
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError, TiedLoraGradientError
+from nemo_tiedlora.core.modules import REPLICA_TAG
+from tests.unit.test_adapter_archive import SHAPE, _state
 
 
 def _chunk() -> torch.nn.Module:
@@ -52,7 +52,7 @@ def test_nan_factors_are_never_written_or_loaded(tmp_path, monkeypatch):
         save_archive(tmp_path / "a.nemo", config=config, shape=SHAPE, tensors=state)
     assert list(tmp_path.iterdir()) == []
     # an archive that holds them anyway (written by an older version, or edited) is refused on load
-    import nemo_tiedlora.checkpoint as checkpoint
+    import nemo_tiedlora.formats.adapter_archive as checkpoint
 
     monkeypatch.setattr(checkpoint, "check_finite", lambda tensors, where: None)
     path = save_archive(tmp_path / "a.nemo", config=config, shape=SHAPE, tensors=state)

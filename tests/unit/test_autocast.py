@@ -1,6 +1,6 @@
 """The fused update under CPU autocast (bf16, the YAML's bf16-mixed, and fp16), against the float64 formula.
 
-The dtype contract (fused.py's docstring): the public functions compute in autocast's dtype and return it; the autograd
+The dtype contract (core/autograd.py's docstring): the public functions compute in autocast's dtype and return it; the autograd
 functions compute in their inputs' dtype whatever autocast says, in forward and in backward; every gradient reaches its
 tensor in that tensor's own dtype. The CUDA variant of the same checks is tests/gpu/test_autocast_cuda.py.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.fused import TiedLoraDown, TiedLoraUp, TiedLoraUpdate
-from nemo_tiedlora.modules import LayerFactors, SharedFactors
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.autograd import TiedLoraDown, TiedLoraUp, TiedLoraUpdate
+from nemo_tiedlora.core.modules import LayerFactors, SharedFactors
 from tests.autocast_checks import PRESETS, check_update_under_autocast
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tiedlora import bench
-from nemo_tiedlora.demo import embedded
-from nemo_tiedlora.cli import main as cli_main
+from nemo_tiedlora.apps import bench
+from nemo_tiedlora.apps.demo import embedded
+from nemo_tiedlora.apps.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +53,7 @@ def test_base_row_shows_no_adapter_memory():
 
 
 def _fake_builder(monkeypatch, *, interrupt: bool):
-    """Stands in for the runner running `python -m nemo_tiedlora.demo.base_model --out X`: stages model_weights/ next to X like NeMo's
+    """Stands in for the runner running `python -m nemo_tiedlora.apps.demo.base_model --out X`: stages model_weights/ next to X like NeMo's
     save_to, then either stops (Ctrl-C) or writes X and its manifest."""
     calls = []
 
@@ -69,7 +69,7 @@ def _fake_builder(monkeypatch, *, interrupt: bool):
         (out.parent / "model_weights").rmdir()
 
     monkeypatch.setattr(embedded, "run_logged", fake_run)
-    monkeypatch.setattr("nemo_tiedlora.demo.base_model._fingerprint", lambda *args: "F")
+    monkeypatch.setattr("nemo_tiedlora.apps.demo.base_model._fingerprint", lambda *args: "F")
     return calls
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from spec_table import PRESET_NAMES, trained
 
-from nemo_tiedlora.bench_memory import adapter_traffic, saved_bytes_per_token
+from nemo_tiedlora.apps.bench_memory import adapter_traffic, saved_bytes_per_token
 
 D, OUT, R = 512, 1536, 8
 

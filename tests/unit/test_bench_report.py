@@ -1,6 +1,6 @@
 """The benchmark's target checks and table, on hand-made rows (the measurements themselves are never asserted)."""
 
-from nemo_tiedlora.bench import _markdown, _targets
+from nemo_tiedlora.apps.bench import _markdown, _targets
 
 
 def _row(config, step, memory, file_bytes=0, raw=0):

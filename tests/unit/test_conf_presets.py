@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from nemo_tiedlora.config import PRESETS
+from nemo_tiedlora.core.config import PRESETS
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "tiedlora_presets.yaml"
 

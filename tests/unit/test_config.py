@@ -7,9 +7,9 @@ import json
 import pytest
 from spec_table import PAPER_FLAGS, PRESET_NAMES, table_total, table_total_mha
 
-from nemo_tiedlora.config import PRESETS, FactorFlags, TiedLoraConfig
-from nemo_tiedlora.errors import TiedLoraConfigError
-from nemo_tiedlora.functional import lora_parameter_count, parameter_counts, stored_parameter_counts
+from nemo_tiedlora.core.config import PRESETS, FactorFlags, TiedLoraConfig
+from nemo_tiedlora.core.errors import TiedLoraConfigError
+from nemo_tiedlora.core.functional import lora_parameter_count, parameter_counts, stored_parameter_counts
 
 ALL_FLAGS = dict(tied=True, train_a=True, train_b=True, train_u=True, train_v=True)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from nemo_tiedlora.nemo.base_io import BaseCheckpoint, checkpoint_format, read_base, write_legacy
-from nemo_tiedlora.reshard import layout_for, shard, unshard
-from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
+from nemo_tiedlora.nemo.base_archive import BaseCheckpoint, checkpoint_format, read_base, write_legacy
+from nemo_tiedlora.formats.reshard import layout_for, shard, unshard
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError, TiedLoraConfigError
 
 D, FFN, HEADS, GROUPS, HEAD_DIM, VOCAB = 8, 12, 4, 2, 2, 10
 QKV = D + 2 * GROUPS * HEAD_DIM

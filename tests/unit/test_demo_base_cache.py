@@ -7,8 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from nemo_tiedlora.demo import embedded
-from nemo_tiedlora.demo.base_model import BaseSpec
+from nemo_tiedlora.apps.demo import embedded
+from nemo_tiedlora.apps.demo.base_model import BaseSpec
 
 
 @dataclasses.dataclass

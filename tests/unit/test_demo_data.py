@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from nemo_tiedlora.demo import data
+from nemo_tiedlora.apps.demo import data
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import contextlib
 import pytest
 import torch
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.fused import sequence_keep_mask
-from nemo_tiedlora.modules import LayerFactors, SharedFactors
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.autograd import sequence_keep_mask
+from nemo_tiedlora.core.modules import LayerFactors, SharedFactors
 
 P, SEED = 0.1, 1234
 S, B, D, OUT, RANK = 8, 2, 16, 24, 4

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
-from nemo_tiedlora.hf_export import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
-from nemo_tiedlora.merge import per_layer_lora
-from nemo_tiedlora.qkv_layout import split_fused_qkv
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError, TiedLoraConfigError
+from nemo_tiedlora.formats.hf.nemo_to_hf import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
+from nemo_tiedlora.formats.merge_delta import per_layer_lora
+from nemo_tiedlora.formats.qkv_layout import split_fused_qkv
 
 HD = 8
 SHAPE = dict(hidden_size=32, num_layers=3, num_attention_heads=4, num_query_groups=2, kv_channels=HD,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from spec_table import PAPER_FLAGS, PRESET_NAMES, trained
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.errors import TiedLoraConfigError
-from nemo_tiedlora.functional import (
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.errors import TiedLoraConfigError
+from nemo_tiedlora.core.functional import (
     delta_weight,
     init_factors,
     per_layer_lora_factors,

@@ -12,8 +12,8 @@ import torch
 from spec_table import PAPER_FLAGS, PRESET_NAMES, trained
 from torch import nn
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.functional import init_factors, tied_lora_update
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.functional import init_factors, tied_lora_update
 
 D = 16
 RANK = 4

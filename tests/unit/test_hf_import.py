@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_tiedlora.errors import TiedLoraCheckpointError, TiedLoraConfigError
-from nemo_tiedlora.hf_import import nemo_model_config, nemo_state_dict, vocab_divisor
-from nemo_tiedlora.qkv_layout import fuse_qkv, split_fused_qkv
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError, TiedLoraConfigError
+from nemo_tiedlora.formats.hf.llama_to_nemo import nemo_model_config, nemo_state_dict, vocab_divisor
+from nemo_tiedlora.formats.qkv_layout import fuse_qkv, split_fused_qkv
 
 HD = 4
 CFG = dict(model_type="llama", hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""Tokenizer files that every transformers release reads alike (`nemo_tiedlora.hf_tokenizer`), on small tokenizers
+"""Tokenizer files that every transformers release reads alike (`nemo_tiedlora.formats.hf.tokenizer`), on small tokenizers
 built here with `tokenizers`. References: the `tokenizers` library itself (ids of the tokenizer object) and llama.cpp's
 pre-tokenizer regular expressions applied with `regex` (tests/gguf_bpe.py). The same rules on SmolLM2's real GGUF
 vocabulary, under transformers 4.x and 5.x, are tests/integration/test_hf_tokenizer_versions.py.
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from nemo_tiedlora.hf_tokenizer import (
+from nemo_tiedlora.formats.hf.tokenizer import (
     AUTHORITATIVE_CLASS,
     from_gguf_before_repair,
     gguf_byte_level_json,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from spec_table import PRESET_NAMES, ZERO_FACTOR, trained
 
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.functional import init_factors, tied_lora_update
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.functional import init_factors, tied_lora_update
 
 D = 32
 RANK = 4

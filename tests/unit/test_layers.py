@@ -1,12 +1,13 @@
-"""The package's layers, read from its own imports: core (pure torch) -> nemo glue (``nemo_tiedlora/nemo/``)
--> tools (``nemo_tiedlora/tools/``) -> applications (cli, __main__, demo/, study/, bench*, scripts/: the NeMo-style
-entry scripts).
+"""The package's layers are its folders, read from its own imports: ``core/`` (pure torch) -> ``formats/`` (file
+formats and layouts, pure torch) -> ``nemo/`` (NeMo glue) -> ``tools/`` -> ``apps/`` (cli, entry scripts, demo,
+study, bench). At the package root, ``__init__`` and ``_autoregister`` count as NeMo glue (they register the scheme
+with NeMo, lazily) and ``__main__`` as an application.
 
-Every module of ``nemo_tiedlora`` is parsed with ``ast`` (module-level and function-level imports). Asserted: no
-import cycle among module-level imports; no import from a lower layer to a higher one (function-level included);
-no NeMo / megatron-core import at module level in a core module, and a fresh interpreter that imports the core
-has imported neither; no module over 500 lines and no function over 80. The violations that remain in files other parts are still
-reworking are listed in ALLOWED_* with their owner; each entry must still be a violation (a stale entry fails).
+Every module of ``nemo_tiedlora`` is parsed with ``ast`` (module-level and function-level imports). Asserted: every
+module lives in a layer folder (or is one of the three root modules); no import cycle among module-level imports; no
+import from a lower layer to a higher one (function-level included); no NeMo / megatron-core import at module level
+in a core or formats module, and a fresh interpreter that imports them has imported neither; no two modules share a
+file name; no module over 500 lines and no function over 80.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nemo_tiedlora"
-LAYERS = ("core", "nemo", "tools", "app")
+LAYERS = ("core", "formats", "nemo", "tools", "apps")
+PURE_TORCH = ("core", "formats")
+ROOT_MODULES = {"nemo_tiedlora": "nemo", "nemo_tiedlora._autoregister": "nemo", "nemo_tiedlora.__main__": "apps"}
 MAX_LINES = 500
 MAX_FUNCTION_LINES = 80
 
-# Known violations being worked on, each with who removes it; all empty today (a stale entry fails).
-# (importer, imported): imports that go up a layer, still to be removed.
-ALLOWED_UPWARD: set[tuple[str, str]] = set()
-# Module-level import cycles still to be broken, each as the sorted tuple of its modules.
-ALLOWED_CYCLES: set[tuple[str, ...]] = set()
-# Modules still over MAX_LINES.
-ALLOWED_LONG: set[str] = set()
 
 
 def module_name(path: Path) -> str:
@@ -43,16 +39,13 @@ MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
 def layer(module: str) -> str:
-    parts = module.split(".")
-    if len(parts) == 1 or parts[1] == "_autoregister":
-        return "nemo"  # the package's __init__ and its import hook exist to register with NeMo (lazily: no NeMo import)
-    if parts[1] == "nemo":
-        return "nemo"
-    if parts[1] == "tools":
-        return "tools"
-    if parts[1] in ("cli", "__main__", "demo", "study", "scripts") or parts[1].startswith("bench"):
-        return "app"
-    return "core"
+    """The layer of `module`: the folder under the package it lives in (the root modules by ROOT_MODULES)."""
+    if module in ROOT_MODULES:
+        return ROOT_MODULES[module]
+    folder = module.split(".")[1]
+    if folder not in LAYERS:
+        raise AssertionError(f"{module} is in no layer folder ({', '.join(LAYERS)})")
+    return folder
 
 
 def _is_package(module: str) -> bool:
@@ -157,27 +150,34 @@ def long_modules() -> set[str]:
 
 
 def test_every_module_has_a_layer():
-    assert {layer(module) for module in MODULES} <= set(LAYERS)
-    assert layer("nemo_tiedlora.config") == "core" and layer("nemo_tiedlora.nemo.peft") == "nemo"
+    """Every module lives in a layer folder (or is one of the root modules), and every layer holds modules."""
+    assert {layer(module) for module in MODULES} == set(LAYERS)
+    assert layer("nemo_tiedlora.core.config") == "core" and layer("nemo_tiedlora.nemo.peft") == "nemo"
+
+
+def test_no_two_modules_share_a_file_name():
+    """One name per feature: a file name says which module it is, whatever folder it is in (``__init__`` aside)."""
+    seen: dict[str, list[str]] = {}
+    for module, path in MODULES.items():
+        if path.name != "__init__.py":
+            seen.setdefault(path.stem, []).append(module)
+    assert {stem: found for stem, found in seen.items() if len(found) > 1} == {}
 
 
 def test_no_module_level_import_cycle():
-    cycles = _cycles(_edges(module_level_only=True))
-    assert cycles - ALLOWED_CYCLES == set(), "import cycles (module-level imports)"
-    assert ALLOWED_CYCLES - cycles == set(), "stale ALLOWED_CYCLES entries: remove them"
+    assert _cycles(_edges(module_level_only=True)) == set(), "import cycles (module-level imports)"
 
 
 def test_no_import_from_a_lower_layer_to_a_higher_one():
     upward = upward_imports()
-    described = sorted(f"{a} ({layer(a)}) -> {b} ({layer(b)})" for a, b in upward - ALLOWED_UPWARD)
+    described = sorted(f"{a} ({layer(a)}) -> {b} ({layer(b)})" for a, b in upward)
     assert described == [], "imports going up a layer"
-    assert ALLOWED_UPWARD - upward == set(), "stale ALLOWED_UPWARD entries: remove them"
 
 
 def test_core_imports_no_nemo_or_megatron_at_module_level():
     bad = sorted(
         f"{module}: {name}"
-        for module in MODULES if layer(module) == "core"
+        for module in MODULES if layer(module) in PURE_TORCH
         for name, top in imports(module)
         if top and name.split(".")[0] in ("nemo", "megatron", "lightning", "pytorch_lightning")
     )
@@ -185,7 +185,7 @@ def test_core_imports_no_nemo_or_megatron_at_module_level():
 
 
 def test_importing_the_core_imports_no_nemo():
-    core = sorted(module for module in MODULES if layer(module) == "core")
+    core = sorted(module for module in MODULES if layer(module) in PURE_TORCH)
     script = (
         "import importlib, sys\n"
         f"for name in {core!r}:\n"
@@ -212,9 +212,7 @@ def test_no_function_over_80_lines():
 
 
 def test_no_module_over_500_lines():
-    long = long_modules()
-    assert long - ALLOWED_LONG == set(), f"modules over {MAX_LINES} lines: split them"
-    assert ALLOWED_LONG - long == set(), "stale ALLOWED_LONG entries: remove them"
+    assert long_modules() == set(), f"modules over {MAX_LINES} lines: split them"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

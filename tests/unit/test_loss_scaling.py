@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nemo_tiedlora.config import LossScalingGuard, TiedLoraConfig
-from nemo_tiedlora.errors import TiedLoraConfigError, TiedLoraGradientError
-from nemo_tiedlora.modules import REPLICA_TAG
+from nemo_tiedlora.core.config import LossScalingGuard, TiedLoraConfig
+from nemo_tiedlora.core.errors import TiedLoraConfigError, TiedLoraGradientError
+from nemo_tiedlora.core.modules import REPLICA_TAG
 from nemo_tiedlora.nemo.loss_scaling import active_scaler, check_scaled_grads
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_tiedlora.config import PRESETS, TiedLoraConfig
-from nemo_tiedlora.modules import LayerFactors, SharedFactors
+from nemo_tiedlora.core.config import PRESETS, TiedLoraConfig
+from nemo_tiedlora.core.modules import LayerFactors, SharedFactors
 
 SHAPES = {"mha": dict(d=32, out=96), "gqa": dict(d=32, out=64)}  # gqa: 4 heads of 8, 2 query groups
 
@@ -66,8 +66,8 @@ def test_step0_zero_and_merge_equals_forward(preset):
 def test_tp_sum_only_for_gradients_that_are_partial_over_tp(preset):
     """A and u are applied before the TP region: without SP their gradients are complete on every TP rank (no TP
     sum); with SP they are partial over sequence shards. B and v are always partial by rows (spec section 5)."""
-    from nemo_tiedlora.modules import FACTOR_OF_PARAM
-    from nemo_tiedlora.parallel import _needs_tp_sum
+    from nemo_tiedlora.core.modules import FACTOR_OF_PARAM
+    from nemo_tiedlora.nemo.grad_sync import _needs_tp_sum
 
     _, shared, layers = _build(preset, 32, 96)
     owners = [shared, layers] if shared is not None else [layers]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from spec_table import PRESET_NAMES, table_total, table_total_mha
 
-from nemo_tiedlora.cli import main
+from nemo_tiedlora.apps.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,7 +119,7 @@ def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str])
 def test_params_never_imports_nemo_or_megatron() -> None:
     code = (
         "import sys, contextlib, io\n"
-        "import nemo_tiedlora.cli as c\n"
+        "import nemo_tiedlora.apps.cli as c\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    rc = c.main(['params', '--hidden-size', '64', '--num-layers', '2', '--rank', '4', '--json'])\n"
         "assert rc == 0, rc\n"

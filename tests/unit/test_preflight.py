@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from nemo_tiedlora.checkpoint import save_archive
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.errors import TiedLoraCheckpointError
+from nemo_tiedlora.formats.adapter_archive import save_archive
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError
 from nemo_tiedlora.nemo.preflight import check_archive, remove_unfinished_checkpoints
-from tests.unit.test_checkpoint import SHAPE, _state
+from tests.unit.test_adapter_archive import SHAPE, _state
 
 
 def test_archive_missing_garbage_truncated_and_whole(tmp_path):
@@ -51,7 +51,7 @@ def test_unfinished_checkpoints_removed_only_when_resuming(tmp_path):
 def test_process_group_timeout_setting(monkeypatch):
     import datetime
 
-    from nemo_tiedlora.errors import TiedLoraConfigError
+    from nemo_tiedlora.core.errors import TiedLoraConfigError
     from nemo_tiedlora.nemo.launch import TIMEOUT_ENV, dist_timeout
 
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemo_tiedlora.cli import build_parser
+from nemo_tiedlora.apps.cli import build_parser
 from tests.script_env import script_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,7 +235,7 @@ def _resolve_script(token: str) -> Path | None:
 
 def _hydra_config_name(script: Path) -> tuple[Path, str] | None:
     """(config dir, config name) of a ``@hydra_runner(config_path=..., config_name=...)`` script, else None; a script
-    that runs a packaged one (``runpy.run_module("nemo_tiedlora.scripts.x")``) is followed to that module."""
+    that runs a packaged one (``runpy.run_module("nemo_tiedlora.apps.entry_scripts.x")``) is followed to that module."""
     import importlib.util
 
     for node in ast.walk(ast.parse(script.read_text())):
@@ -412,8 +412,8 @@ def adapter_folder(tmp_path_factory) -> Path:
     """A folder holding a real Tied-LoRA adapter archive named as in the README (adapter.nemo)."""
     import torch
 
-    from nemo_tiedlora.checkpoint import save_archive
-    from nemo_tiedlora.config import TiedLoraConfig
+    from nemo_tiedlora.formats.adapter_archive import save_archive
+    from nemo_tiedlora.core.config import TiedLoraConfig
 
     folder = tmp_path_factory.mktemp("readme")
     d, out, r, layers = 16, 48, 4, 2
@@ -444,7 +444,7 @@ def test_sweep_config_as_written_is_valid(command):
 
 _HELP_ALL = """
 import contextlib, io, json, sys
-from nemo_tiedlora.cli import main
+from nemo_tiedlora.apps.cli import main
 results = {}
 for name in sys.argv[1:]:
     out = io.StringIO()
@@ -483,21 +483,48 @@ def _layout_block() -> str:
     return section.split("```text\n", 1)[1].split("```", 1)[0]
 
 
-def test_layout_map_names_every_module_and_only_existing_ones():
-    """The README's layout map is checkable against the tree: every module of the package is on it (by file name,
-    or its folder for compat/ and the study's tasks), and every file and folder it names exists."""
-    block = _layout_block()
+def _layout_entries() -> tuple[set[str], set[str]]:
+    """(files, folders) the README's layout map names, as paths relative to the package: a line starting in column
+    0 opens a folder (``core/``, ``formats/hf/``; ``nemo_tiedlora/`` is the package root), the ``*.py`` names and
+    ``name/`` folders on the indented lines under it are in that folder."""
+    files: set[str] = set()
+    folders: set[str] = set()
+    current = ""
+    for line in _layout_block().splitlines():
+        if line and not line[0].isspace():
+            head = line.split()[0]
+            current = "" if head == "nemo_tiedlora/" else head
+            if current:
+                folders.add(current.rstrip("/"))
+            continue
+        names = []
+        for token in line.split():  # the leading file and folder names; the description follows
+            if not re.fullmatch(r"\w[\w.]*\.py|\w+/", token):
+                break
+            names.append(token)
+        for name in names:
+            if name.endswith(".py"):
+                files.add(current + name)
+            elif name.endswith("/"):
+                folders.add(current + name.rstrip("/"))
+    return files, folders
+
+
+def test_layout_map_names_every_module_in_its_folder_and_only_existing_ones():
+    """The README's layout map matches the tree both ways: every module of the package is named in its own folder's
+    section (or lies in a folder the map names whole, such as nemo/compat/ or apps/study/), and every file and folder
+    the map names exists at that path."""
+    files, folders = _layout_entries()
     package = REPO / "nemo_tiedlora"
-    named_files = set(re.findall(r"([\w.]+\.py)\b", block))
-    named_folders = set(re.findall(r"\b(\w+)/(?=\s|$)", block, flags=re.M))
-    modules = [p for p in package.rglob("*.py") if p.name != "__init__.py" and "__pycache__" not in p.parts]
-    missing = [str(p.relative_to(package)) for p in modules
-               if p.name not in named_files and not set(p.relative_to(package).parts[:-1]) & named_folders]
-    assert not missing, f"modules missing from the README's layout map: {missing}"
-    existing = {p.name for p in modules} | {"__main__.py"}
-    assert not named_files - existing, f"the layout map names files that do not exist: {named_files - existing}"
-    folders = {p.name for p in package.rglob("*") if p.is_dir()}
-    assert not named_folders - folders, f"the layout map names folders that do not exist: {named_folders - folders}"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py") if "__pycache__" not in p.parts}
+    whole = {folder for folder in folders if not any(name.startswith(folder + "/") for name in files)}
+    missing = sorted(m for m in modules
+                     if m not in files and not m.endswith("/__init__.py") and m != "__init__.py"
+                     and not any(m.startswith(folder + "/") for folder in whole))
+    assert not missing, f"modules missing from the README's layout map (or under another folder there): {missing}"
+    assert not files - modules, f"the layout map names files that do not exist there: {sorted(files - modules)}"
+    existing = {str(p.relative_to(package)) for p in package.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    assert not folders - existing, f"the layout map names folders that do not exist: {sorted(folders - existing)}"
 
 
 def test_readme_sbatch_script_is_the_one_the_tests_submit():

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from nemo_tiedlora.demo.reference_update import reference_update
-from nemo_tiedlora.fused import fused_tied_lora_update
+from nemo_tiedlora.apps.demo.reference_update import reference_update
+from nemo_tiedlora.core.autograd import fused_tied_lora_update
 
 
 def _factors(seed: int = 0, d: int = 12, out: int = 20, r: int = 4):
@@ -38,12 +38,12 @@ def test_reference_update_refuses_a_tensor_parallel_region():
 
 
 def test_launcher_runs_the_script_as_main_with_the_reference_update_in_modules(tmp_path):
-    """The script sees its own arguments and, in nemo_tiedlora.modules, the reference function."""
+    """The script sees its own arguments and, in nemo_tiedlora.core.modules, the reference function."""
     script = tmp_path / "entry.py"
-    script.write_text("import sys\nimport nemo_tiedlora.fused as f\nimport nemo_tiedlora.modules as m\n"
+    script.write_text("import sys\nimport nemo_tiedlora.core.autograd as f\nimport nemo_tiedlora.core.modules as m\n"
                       "print(__name__, m.fused_tied_lora_update is f.fused_tied_lora_update, "
                       "m.fused_tied_lora_update.__name__, sys.argv[1:])\n")
-    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora.demo.reference_update", str(script), "a=1", "b=2"],
+    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora.apps.demo.reference_update", str(script), "a=1", "b=2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == "__main__ False reference_update ['a=1', 'b=2']"

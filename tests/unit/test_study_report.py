@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from nemo_tiedlora.study.report import (
+from nemo_tiedlora.apps.study.report import (
     REQUIRED_COLUMNS,
     ReportError,
     add_percent_of_best_lora,

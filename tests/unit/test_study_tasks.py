@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tiedlora.study.tasks import SPLITS, TASKS, Example, TaskAdapter, TaskError, get_task, prepare
-from nemo_tiedlora.study.tasks.gsm8k import final_number, gold_number
-from nemo_tiedlora.study.tasks.hellaswag import clean
-from nemo_tiedlora.study.tasks.squad import exact_match, f1, normalize_answer
+from nemo_tiedlora.apps.study.tasks import SPLITS, TASKS, Example, TaskAdapter, TaskError, get_task, prepare
+from nemo_tiedlora.apps.study.tasks.gsm8k import final_number, gold_number
+from nemo_tiedlora.apps.study.tasks.hellaswag import clean
+from nemo_tiedlora.apps.study.tasks.squad import exact_match, f1, normalize_answer
 
 TASK_NAMES = ("squad", "dialogsum", "hellaswag", "iwslt2017", "gsm8k")
 
@@ -337,7 +337,7 @@ def test_iwslt_xml_entities_and_pairing(samples: dict[str, Path]) -> None:
 
 def test_homes_task_is_the_demo_task_with_its_metric(tmp_path: Path) -> None:
     """The embedded default task: the demo's splits, read back item for item, scored by first-word exact match."""
-    from nemo_tiedlora.demo.data import build_task
+    from nemo_tiedlora.apps.demo.data import build_task
 
     task = TASKS["homes"]
     folder = task.write_sample(tmp_path / "homes")

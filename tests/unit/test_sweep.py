@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tiedlora.cli import main as cli_main
-from nemo_tiedlora.study import sweep
-from nemo_tiedlora.study.report import read_results
-from nemo_tiedlora.study.sweep import (
+from nemo_tiedlora.apps.cli import main as cli_main
+from nemo_tiedlora.apps.study import sweep
+from nemo_tiedlora.apps.study.report import read_results
+from nemo_tiedlora.apps.study.sweep import (
     RunSpec,
     SweepConfigError,
     SweepContext,
@@ -308,7 +308,7 @@ def test_failure_status_is_one_line_with_the_cause(error, expected):
 
 
 def test_predictions_are_matched_by_id(tmp_path):
-    from nemo_tiedlora.study.tasks.base import Example
+    from nemo_tiedlora.apps.study.tasks.base import Example
 
     examples = [Example(id=i, fields={}, target="", references=("",)) for i in ("a", "b", "c")]
     path = tmp_path / "p.jsonl"
@@ -325,7 +325,7 @@ def test_finetune_command_carries_early_stopping_and_budget(tmp_path):
                        sft={"train": Path("/d/train.jsonl"), "validation": Path("/d/validation.jsonl"),
                             "test": Path("/d/test.jsonl")}, source=tmp_path, out=tmp_path, fingerprint="x")
     args = sweep.finetune_args(RunSpec("squad", "tl6", 8, 0.01), ctx, exp_dir=tmp_path / "runs")
-    assert args[1].endswith("nemo_tiedlora/scripts/megatron_gpt_finetuning.py")  # the packaged entry script
+    assert args[1].endswith("nemo_tiedlora/apps/entry_scripts/megatron_gpt_finetuning.py")  # the packaged entry script
     for expected in (
         "model.restore_from_path=/b/base.nemo",
         "model.peft.peft_scheme=tiedlora",
@@ -355,6 +355,6 @@ def test_multiple_choice_is_scored_by_the_loglik_script(tmp_path):
     ctx = SweepContext(cfg=cfg, base=Path("/b/base.nemo"), shape=SHAPE, sft={"test": Path("/d/test.jsonl")},
                        source=tmp_path, out=tmp_path, fingerprint="x")
     args = sweep.loglik_args(ctx, adapter=Path("/a.nemo"), out=tmp_path / "s.json")
-    assert args[1:3] == ["-m", "nemo_tiedlora.study.loglik"]
+    assert args[1:3] == ["-m", "nemo_tiedlora.apps.study.loglik"]
     assert args[args.index("--adapter") + 1] == "/a.nemo" and args[args.index("--split") + 1] == "test"
     assert args[args.index("--data") + 1] == str(ctx.source) and args[args.index("--task") + 1] == "hellaswag"

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from nemo_tiedlora.tools import runner as runner_mod
-from nemo_tiedlora.study.child import PID_FILE, RunFolderBusy, claim_run_folder
-from nemo_tiedlora.study.sweep import RunSpec, SweepContext, finetune_args, parse_config, training_record
+from nemo_tiedlora.apps.study.child import PID_FILE, RunFolderBusy, claim_run_folder
+from nemo_tiedlora.apps.study.sweep import RunSpec, SweepContext, finetune_args, parse_config, training_record
 from tests.processes import process_gone
 
 LINUX = sys.platform.startswith("linux")
@@ -84,7 +84,7 @@ def test_limit_val_batches_keeps_int_batches_and_float_fractions(tmp_path, limit
 
 @pytest.mark.parametrize("limit", [0, 1.5, 2.0, "all"])
 def test_bad_limit_val_batches_is_named(tmp_path, limit):
-    from nemo_tiedlora.study.sweep import SweepConfigError
+    from nemo_tiedlora.apps.study.sweep import SweepConfigError
 
     with pytest.raises(SweepConfigError, match="training.limit_val_batches"):
         _context(tmp_path, limit)

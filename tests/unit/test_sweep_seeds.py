@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tiedlora.study import sweep
-from nemo_tiedlora.study.report import best_runs, build_report, read_results
-from nemo_tiedlora.study.sweep import RunSpec, SweepConfigError, SweepContext, parse_config, run_sweep
-from nemo_tiedlora.study.tasks import TASKS, prepare
+from nemo_tiedlora.apps.study import sweep
+from nemo_tiedlora.apps.study.report import best_runs, build_report, read_results
+from nemo_tiedlora.apps.study.sweep import RunSpec, SweepConfigError, SweepContext, parse_config, run_sweep
+from nemo_tiedlora.apps.study.tasks import TASKS, prepare
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = {"hidden_size": 64, "num_layers": 2, "out_features": 128}
@@ -73,7 +73,7 @@ def test_the_smollm2_study_config_is_valid():
     assert cfg.rerun_best_seeds and cfg.training.seed not in cfg.rerun_best_seeds
     assert len(cfg.presets) * len(cfg.ranks) * (len(cfg.lrs) + len(cfg.rerun_best_seeds)) == 16  # the issue's 16 runs
     assert cfg.prompt_template.endswith("<|im_start|>assistant\n{output}")
-    from nemo_tiedlora.demo.real import PROMPT_TEMPLATE
+    from nemo_tiedlora.apps.demo.real import PROMPT_TEMPLATE
 
     assert cfg.prompt_template == PROMPT_TEMPLATE  # the demo's chat format, the same string
 
@@ -133,7 +133,7 @@ def test_prompt_template_and_seed_reach_the_entry_scripts(tmp_path):
 
 
 def test_fingerprint_changes_with_the_prompt_template(tmp_path):
-    from nemo_tiedlora.study.sweep_results import fingerprint
+    from nemo_tiedlora.apps.study.sweep_results import fingerprint
 
     one = fingerprint(parse_config(_config(tmp_path)), base="b", data="sample")
     two = fingerprint(parse_config(_config(tmp_path, prompt_template=TEMPLATE)), base="b", data="sample")
@@ -145,7 +145,7 @@ def test_fingerprint_changes_with_the_prompt_template(tmp_path):
 
 def test_extraction_task_scores_by_hand():
     task = TASKS["extraction"]
-    from nemo_tiedlora.study.tasks.base import Example
+    from nemo_tiedlora.apps.study.tasks.base import Example
 
     gold = "name=Ana Silva; job=pilot; city=Lima; year=2014"
     examples = [Example(id=str(i), fields={"input": "x"}, target=gold, references=(gold,)) for i in range(4)]
@@ -161,7 +161,7 @@ def test_extraction_task_scores_by_hand():
 
 
 def test_extraction_sample_is_the_demo_data_and_round_trips(tmp_path):
-    from nemo_tiedlora.demo.extraction import build
+    from nemo_tiedlora.apps.demo.extraction_data import build
 
     folder = TASKS["extraction"].write_sample(tmp_path / "sample")
     demo = build(tmp_path / "demo")  # the demo's own default seed
@@ -185,7 +185,7 @@ def test_shipped_study_configs_load_by_name_from_any_folder(tmp_path, monkeypatc
 def test_report_breaks_metric_ties_on_validation_loss_as_the_sweep_does(tmp_path):
     """All rates score 0 (VeRA in the SmolLM2 study): the sweep reran the rate with the lowest validation loss, so
     the report's cell is that rate, averaged with its rerun."""
-    from nemo_tiedlora.study.sweep_results import write_results
+    from nemo_tiedlora.apps.study.sweep_results import write_results
 
     rows = [{"task": "extraction", "preset": "vera", "rank": 8, "lr": lr, "seed": 1234, "seed_rerun": False,
              "metric": 0.0, "trainable_params": 10, "status": "ok", "best_val_loss": loss}

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nemo_tiedlora.anomaly import check_finite_grads, non_finite_anywhere, non_finite_grads
-from nemo_tiedlora.config import TiedLoraConfig
-from nemo_tiedlora.errors import TiedLoraGradientError
-from nemo_tiedlora.modules import LayerFactors, SharedFactors
+from nemo_tiedlora.core.anomaly import check_finite_grads, non_finite_anywhere, non_finite_grads
+from nemo_tiedlora.core.config import TiedLoraConfig
+from nemo_tiedlora.core.errors import TiedLoraGradientError
+from nemo_tiedlora.core.modules import LayerFactors, SharedFactors
 from tests.host_syncs import DeviceTraffic
 
 LAYERS, D, OUT = 32, 16, 48
@@ -112,7 +112,8 @@ def test_one_step_costs_a_fixed_number_of_syncs_and_collectives(gloo_world_of_on
     """A training step's adapter work on a real process group: the TP/PP sums (nothing to sum at TP=PP=1: no
     collective, no read), the replica check (2 all-reduces, 1 read, 66 tensors checked) and the finite check (1
     read; no flag all-reduce in a world of one)."""
-    from nemo_tiedlora.parallel import check_replicas, reduce_adapter_grads
+    from nemo_tiedlora.nemo.replica_check import check_replicas
+    from nemo_tiedlora.nemo.grad_sync import reduce_adapter_grads
 
     chunk = tl6_chunk()
     with DeviceTraffic() as sums:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import logging
 
-from nemo_tiedlora.nemo.compat.environment import HF_TOKENIZER_IN_ARCHIVE
 from nemo_tiedlora.nemo.compat.patch import FIX, HOOK, Patch
 from nemo_tiedlora.nemo.compat.table import PATCHES
 
-__all__ = ["FIX", "HF_TOKENIZER_IN_ARCHIVE", "HOOK", "PATCHES", "Patch", "applied", "apply", "describe", "needed"]
+__all__ = ["FIX", "HOOK", "PATCHES", "Patch", "applied", "apply", "describe", "needed"]
 
 logger = logging.getLogger(__name__)
 

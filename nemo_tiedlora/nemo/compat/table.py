@@ -2,14 +2,14 @@
 (nemo glue layer). Nothing in the package patches upstream code except through an entry here;
 ``python -m nemo_tiedlora compat`` lists them all (name, target, kind, scope, reason, needed/installed here).
 
-Fixes are grouped by upstream area in `environment`, `mcore`, `checkpoints`, `cpu`; the Tied-LoRA hooks live with
+Fixes are grouped by upstream area in `environment`, `mcore`, `training_state`, `cpu`; the Tied-LoRA hooks live with
 the code they serve (`injection`, `grad_hooks`, `adapter_io`, `logs`) and are referenced lazily, so importing this
 table imports no NeMo. Order matters: `apply()` installs in this order (fixes before hooks).
 """
 
 from __future__ import annotations
 
-from nemo_tiedlora.nemo.compat import checkpoints, cpu, environment, mcore
+from nemo_tiedlora.nemo.compat import cpu, environment, mcore, training_state
 from nemo_tiedlora.nemo.compat.patch import (
     ALWAYS,
     CPU_DIST_OPT_CALLS,
@@ -123,7 +123,7 @@ CHECKPOINT_FIXES: tuple[Patch, ...] = (
                "left after consumed_samples, while Lightning restores the epoch's batch count on resume: the "
                "resumed epoch ends one step early and restarts the sampler at the resume point, replaying batches "
                "(resumed losses differ from an uninterrupted run). The length becomes the whole epoch's",
-        needed=checkpoints.sampler_length_counts_from_resume_point, install=checkpoints.epoch_length_from_epoch_start,
+        needed=training_state.sampler_length_counts_from_resume_point, install=training_state.epoch_length_from_epoch_start,
     ),
     Patch(
         name="peft-checkpoint-chunk-keys", kind=FIX, area="nemo", scope=ALWAYS,
@@ -134,7 +134,7 @@ CHECKPOINT_FIXES: tuple[Patch, ...] = (
                "(nemo_model_checkpoint.py on_train_end) fails with 'Unexpected key(s) in state_dict: \"model_0\"' "
                "and no adapter .nemo is written (every PEFT scheme, GPU too). The single chunk is unwrapped before "
                "loading",
-        needed=checkpoints.peft_chunk_keys_disagree, install=checkpoints.peft_checkpoint_chunk_keys,
+        needed=training_state.peft_chunk_keys_disagree, install=training_state.peft_checkpoint_chunk_keys,
     ),
     Patch(
         name="peft-distributed-optimizer-state", kind=FIX, area="nemo", scope=ALWAYS,
@@ -150,8 +150,8 @@ CHECKPOINT_FIXES: tuple[Patch, ...] = (
                "load_parameter_state_from_dp_zero would look it up: KeyError; and given back as one tensor per "
                "parameter: load_state_dict shares one, which Adam's in-place step += 1 advances once per parameter, "
                "skewing the bias correction after a resume)",
-        needed=checkpoints.peft_checkpoint_lacks_optimizer_moments,
-        install=checkpoints.peft_distributed_optimizer_state,
+        needed=training_state.peft_checkpoint_lacks_optimizer_moments,
+        install=training_state.peft_distributed_optimizer_state,
     ),
 )
 
@@ -208,7 +208,7 @@ HOOKS: tuple[Patch, ...] = (
                "'nemo_tiedlora:hf_files') the registered tokenizer.hf_files.* artifacts are assembled into a "
                "temporary folder for AutoTokenizer",
         needed=exists(f"{_BASE_MODEL}:MegatronBaseModel._build_tokenizer"),
-        install=environment.hf_tokenizer_from_archive,
+        install=lazy("nemo_tiedlora.nemo.hf_base_config:hf_tokenizer_from_archive"),
     ),
     Patch(
         name="log-unused-config-keys", kind=HOOK, area="tiedlora", scope=LOGGING_ONLY,

@@ -1,0 +1,224 @@
+"""The study sweep: ``python -m nemo_tiedlora sweep --config study.yaml``.
+
+Runs every (preset, rank, learning rate) of a study config on one task through NeMo's own entry scripts, each in
+its own subprocess (the command a user types):
+
+1. ``examples/.../megatron_gpt_finetuning.py`` fine-tunes the base ``.nemo`` with ``peft_scheme=tiedlora`` and
+   exp_manager's early stopping on the validation loss; exp_manager keeps the best checkpoint and writes the
+   adapter ``.nemo`` from it at the end;
+2. ``examples/.../megatron_gpt_generate.py`` generates greedily on the test split with base + adapter and writes
+   the predictions file;
+3. the task adapter (:mod:`nemo_tiedlora.apps.study.tasks`) scores the predictions with the task's metric.
+
+One results file, ``results.csv`` and the same rows as ``results.json`` in the output folder, gets a row per run:
+task, preset, rank, lr, metric, metric_name, trainable_params (closed form for the base's shape, read from its
+``model_config.yaml``), percent_of_best_lora (trainable_params / trainable_params of the task's best-metric LoRA
+run * 100; empty without a finished LoRA run), status (``ok`` or ``failed: <reason>``), steps_run, early_stopped,
+best_val_loss, adapter, seconds and the run's log files. Both files are rewritten atomically after every run, so an
+interrupted sweep keeps what finished; running the same config again skips the runs already recorded ``ok`` (with
+the same training, data and base: see ``fingerprint``) and re-runs the others. ``python -m nemo_tiedlora report
+results.csv`` turns the file into the paper-style table and plots.
+
+Multiple choice (HellaSwag) is scored as in the paper, by the log-likelihood of each ending: step 2 is then
+``python -m nemo_tiedlora.apps.study.loglik`` (the model loaded as the generate script loads it, every ending's summed
+log-probability given the prompt, :meth:`~nemo_tiedlora.apps.study.tasks.hellaswag.HellaSwagTask.score_loglik`), whose
+``metric`` is the per-character-normalized accuracy (``accuracy`` is the raw one).
+
+Nothing here imports NeMo: the parent process only orchestrates, so a bad config fails in a second. Its children
+cannot outlive it (:mod:`nemo_tiedlora.apps.study.child`); Ctrl-C stops the running child and exits with code 130.
+
+Layout: :mod:`.sweep_config` (the study config), :mod:`.sweep_results` (grid, counts, results files),
+:mod:`.sweep_runs` (one run through the entry scripts), :mod:`.child` (child processes); this module runs the grid
+and holds the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nemo_tiedlora.apps.study.sweep_config import (
+    EMBEDDED,
+    SAMPLE,
+    EarlyStoppingSettings,
+    GenerationSettings,
+    SweepConfig,
+    SweepConfigError,
+    TrainingSettings,
+    load_config,
+    parse_config,
+)
+from nemo_tiedlora.apps.study.sweep_results import (
+    _OK,
+    COLUMNS,
+    RunSpec,
+    add_percent_of_best_lora,
+    best_lr_reruns,
+    expand_grid,
+    format_summary,
+    read_previous,
+    rerun_count,
+    reusable_reruns,
+    reusable_rows,
+    trainable_params,
+    write_results,
+)
+from nemo_tiedlora.apps.study.sweep_runs import (
+    Runner,
+    RunFailed,
+    SweepContext,
+    _base_row,
+    _failure,
+    execute_run,
+    finetune_args,
+    generate_args,
+    loglik_args,
+    prepare_context,
+    read_predictions,
+    training_record,
+)
+
+__all__ = [
+    "COLUMNS",
+    "EMBEDDED",
+    "SAMPLE",
+    "EarlyStoppingSettings",
+    "GenerationSettings",
+    "RunFailed",
+    "RunSpec",
+    "SweepConfig",
+    "SweepConfigError",
+    "SweepContext",
+    "TrainingSettings",
+    "add_percent_of_best_lora",
+    "add_sweep_parser",
+    "execute_run",
+    "expand_grid",
+    "finetune_args",
+    "generate_args",
+    "load_config",
+    "loglik_args",
+    "parse_config",
+    "read_predictions",
+    "run_sweep",
+    "trainable_params",
+    "training_record",
+    "write_results",
+]
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    *,
+    runner: Runner = execute_run,
+    context: SweepContext | None = None,
+    verbose: bool = False,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the whole grid; return the rows as written to ``results.csv``/``results.json``.
+
+    Runs recorded ok with the same fingerprint in the output folder's ``results.json`` are skipped. After every
+    run both results files are rewritten atomically. A run that raises is recorded as ``failed: <reason>`` and the
+    sweep goes on; KeyboardInterrupt stops it with the finished runs on disk.
+    """
+    from tqdm import tqdm
+
+    ctx = context if context is not None else prepare_context(cfg, verbose=verbose)
+    grid = expand_grid(cfg)
+    previous = read_previous(ctx.out)
+    done = reusable_rows(previous, grid, ctx.fingerprint)
+    rows: dict[tuple, dict[str, Any]] = dict(done)
+    if done:
+        print(f"resuming: {len(done)} of {len(grid)} grid run(s) already ok in {ctx.out / 'results.json'}",
+              flush=True)
+    reruns_done = reusable_reruns(previous, ctx.fingerprint)
+    dropped = len(previous) - len(done) - len(reruns_done)
+    if dropped > 0:
+        print(f"{dropped} earlier row(s) (failed, or another grid/budget) will be replaced", flush=True)
+
+    def ordered() -> list[dict[str, Any]]:
+        return [rows[spec.key] for spec in grid + best_lr_reruns(cfg, list(rows.values())) if spec.key in rows]
+
+    def save() -> None:
+        write_results(ctx.out, add_percent_of_best_lora(ordered()))
+
+    todo = [spec for spec in grid if spec.key not in done]
+    progress = tqdm(total=len(grid) + rerun_count(cfg), initial=len(grid) - len(todo), desc=f"sweep {cfg.task}",
+                    unit="run", file=sys.stderr, dynamic_ncols=True)
+    try:
+        _run_all(todo, runner, ctx, rows, progress, save)
+        if cfg.rerun_best_seeds:  # the best lr of each (preset, rank), chosen on the grid's seed, with more seeds
+            extra = best_lr_reruns(cfg, [rows[spec.key] for spec in grid if spec.key in rows])
+            kept = reusable_rows(previous, extra, ctx.fingerprint)
+            rows.update(kept)
+            progress.total = len(grid) + len(extra)
+            progress.update(len(kept))
+            _run_all([spec for spec in extra if spec.key not in kept], runner, ctx, rows, progress, save)
+    finally:
+        progress.close()
+    save()
+    final = add_percent_of_best_lora(ordered())
+    print(format_summary(final), flush=True)
+    print(f"results: {ctx.out / 'results.csv'} and {ctx.out / 'results.json'}", flush=True)
+    return final
+
+
+def _run_all(specs: list[RunSpec], runner: Runner, ctx: SweepContext, rows: dict[tuple, dict[str, Any]],
+             progress: Any, save: Any) -> None:
+    """Run ``specs`` one after the other, recording each row (ok or ``failed: <reason>``) and saving after each."""
+    for spec in specs:
+        progress.set_postfix_str(spec.name)
+        started = time.time()
+        row = _base_row(spec, ctx)
+        try:
+            row.update(runner(spec, ctx))
+            row["status"] = _OK
+        except Exception as error:  # a failed run is recorded and the sweep goes on
+            row.update(getattr(error, "record", {}))
+            row["status"] = _failure(error)
+        row["seconds"] = round(time.time() - started, 1)
+        rows[spec.key] = row
+        save()
+        progress.update(1)
+
+
+def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sweep`` to the ``python -m nemo_tiedlora`` subcommands."""
+    parser = subparsers.add_parser(
+        "sweep",
+        help="presets x ranks x learning rates on a task through NeMo's entry scripts, one results file",
+        description="Fine-tune (with early stopping), generate on the test split and score every (preset, rank, "
+        "lr) of a study config through NeMo's entry scripts; write results.csv and results.json (resumable). "
+        "Example config: conf/study.yaml.",
+    )
+    parser.add_argument("--config", required=True, type=Path,
+                        help="study YAML, or the name of a shipped one: study (conf/study.yaml), study_smollm2")
+    parser.add_argument("--output", type=Path, help="override the config's output folder")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and list the runs, run nothing")
+    parser.add_argument("--verbose", action="store_true", help="echo the entry scripts' progress lines")
+    parser.set_defaults(handler=_run_sweep_command)
+
+
+def _run_sweep_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, output=args.output)
+    grid = expand_grid(cfg)
+    if args.dry_run:
+        print(f"{len(grid)} run(s) of {cfg.task} into {cfg.output}:")
+        for spec in grid:
+            print(f"  {spec.name}")
+        if cfg.rerun_best_seeds:
+            print(f"then the best lr of each (preset, rank) again with seed(s) "
+                  f"{', '.join(map(str, cfg.rerun_best_seeds))}: {rerun_count(cfg)} run(s)")
+        return 0
+    try:
+        rows = run_sweep(cfg, verbose=args.verbose)
+    except KeyboardInterrupt:
+        results = cfg.output / "results.csv"
+        print(f"\nsweep interrupted: the runs finished so far are in {results}; run the same command again to resume",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return 0 if all(row.get("status") == _OK for row in rows) else 1

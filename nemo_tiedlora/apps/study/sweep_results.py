@@ -1,0 +1,278 @@
+"""The sweep's grid and results: runs of the grid, closed-form parameter counts, % of the best LoRA run, the
+results files (``results.csv`` / ``results.json``, rewritten atomically), what a rerun may reuse, the summary table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from nemo_tiedlora.core.fileio import atomic_write_bytes
+from nemo_tiedlora.apps.study.sweep_config import SAMPLE, SweepConfig, _as_float
+
+COLUMNS: tuple[str, ...] = (
+    "task",
+    "preset",
+    "rank",
+    "lr",
+    "seed",
+    "seed_rerun",
+    "metric",
+    "metric_name",
+    "trainable_params",
+    "percent_of_best_lora",
+    "status",
+    "steps_run",
+    "max_steps",
+    "early_stopped",
+    "best_val_loss",
+    "scores",
+    "adapter",
+    "seconds",
+    "run",
+    "finetune_log",
+    "generate_log",
+    "fingerprint",
+)
+"""Columns of ``results.csv`` (and keys of every object in ``results.json``), in order."""
+
+_LORA = "lora"
+_OK = "ok"
+
+
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a grid run (``seed`` None: the config's ``training.seed``) or a rerun of a best lr with ``seed``."""
+
+    task: str
+    preset: str
+    rank: int
+    lr: float
+    seed: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int, float, int | None]:
+        return (self.task, self.preset, self.rank, self.lr, self.seed)
+
+    @property
+    def name(self) -> str:
+        """Folder and log name: ``squad_tl6_r8_lr0.001`` (a rerun: ``squad_tl6_r8_lr0.001_seed4321``)."""
+        name = f"{self.task}_{self.preset}_r{self.rank}_lr{self.lr:g}"
+        return name if self.seed is None else f"{name}_seed{self.seed}"
+
+
+def expand_grid(cfg: SweepConfig) -> list[RunSpec]:
+    """presets x ranks x lrs, preset-major in config order (LoRA runs come where the config lists them)."""
+    return [RunSpec(cfg.task, preset, rank, lr) for preset in cfg.presets for rank in cfg.ranks for lr in cfg.lrs]
+
+
+def rerun_count(cfg: SweepConfig) -> int:
+    """How many reruns ``cfg.rerun_best_seeds`` asks for once the grid has run (one per preset, rank and seed)."""
+    return len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds)
+
+
+def is_rerun(row: Mapping[str, Any]) -> bool:
+    """Whether a results row is a rerun of a best rate with another seed (JSON: true, CSV: "true")."""
+    return row.get("seed_rerun") in (True, "true")
+
+
+def best_lr_reruns(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
+    """The reruns of ``cfg.rerun_best_seeds``: for each (preset, rank) the grid run (training seed) with the best
+    metric (ties: the lower best validation loss, then the first lr) run again with every extra seed. A (preset,
+    rank) without an ok grid run gets no rerun."""
+    from nemo_tiedlora.apps.study.tasks import TASKS
+
+    sign = 1.0 if TASKS[cfg.task].higher_is_better else -1.0
+    grid = {spec.key: spec for spec in expand_grid(cfg)}
+    best: dict[tuple[str, int], tuple[tuple[float, float, int], RunSpec]] = {}
+    for order, row in enumerate(rows):
+        spec = grid.get(_row_key(row))
+        if spec is None or not _is_ok(row):
+            continue
+        loss = _finite(row.get("best_val_loss"))
+        score = (sign * float(row["metric"]), -(loss if loss is not None else math.inf), -order)
+        if (spec.preset, spec.rank) not in best or score > best[(spec.preset, spec.rank)][0]:
+            best[(spec.preset, spec.rank)] = (score, spec)
+    return [RunSpec(cfg.task, preset, rank, best[(preset, rank)][1].lr, seed)
+            for preset in cfg.presets for rank in cfg.ranks if (preset, rank) in best
+            for seed in cfg.rerun_best_seeds]
+
+
+def trainable_params(shape: Mapping[str, int], preset: str, rank: int) -> int:
+    """Closed-form trainable parameters of ``preset`` at ``rank`` on a model of ``shape`` (see ``model_shape``)."""
+    from nemo_tiedlora.core.config import TiedLoraConfig
+    from nemo_tiedlora.core.functional import parameter_counts
+
+    cfg = TiedLoraConfig(preset=preset, rank=rank)
+    return parameter_counts(
+        cfg, hidden_size=shape["hidden_size"], num_layers=shape["num_layers"], out_features=shape["out_features"]
+    )["total"]
+
+
+def base_shape(base: Path) -> dict[str, int]:
+    """The shape of a base .nemo (:func:`nemo_tiedlora.core.model_shape.model_shape` of its ``model_config.yaml``; the archive
+    reader imports no NeMo)."""
+    from nemo_tiedlora.nemo.base_archive import base_config
+    from nemo_tiedlora.core.model_shape import model_shape
+
+    return model_shape(base_config(base))
+
+
+def _finite(value: Any) -> float | None:
+    return _as_float(value)
+
+
+def _is_ok(row: Mapping[str, Any]) -> bool:
+    return str(row.get("status", "")).strip().lower() == _OK and _finite(row.get("metric")) is not None
+
+
+def add_percent_of_best_lora(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with ``percent_of_best_lora`` = trainable_params / that of the task's best-metric ok LoRA run * 100.
+
+    "Best" follows the task's direction (higher or lower is better); on ties the first such row counts. Without an
+    ok LoRA run of the task the value is None. Rows that are not ok get None too.
+    """
+    from nemo_tiedlora.apps.study.tasks import TASKS
+
+    best: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        if row.get("preset") != _LORA or not _is_ok(row):
+            continue
+        task = row["task"]
+        higher = TASKS[task].higher_is_better if task in TASKS else True
+        metric = float(row["metric"])
+        if task not in best:
+            best[task] = row
+        elif (metric > float(best[task]["metric"])) if higher else (metric < float(best[task]["metric"])):
+            best[task] = row
+    out = []
+    for row in rows:
+        row = dict(row)
+        reference = best.get(row.get("task"))
+        params = _finite(row.get("trainable_params"))
+        ref_params = _finite(reference.get("trainable_params")) if reference is not None else None
+        if _is_ok(row) and params is not None and ref_params:
+            row["percent_of_best_lora"] = 100.0 * params / ref_params
+        else:
+            row["percent_of_best_lora"] = None
+        out.append(row)
+    return out
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def write_results(out_dir: Path, rows: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:
+    """Write ``results.csv`` and ``results.json`` (same rows, :data:`COLUMNS`) atomically; return both paths."""
+    out_dir = Path(out_dir)
+    ordered = [{column: row.get(column) for column in COLUMNS} for row in rows]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in ordered:
+        writer.writerow([_csv_cell(row[column]) for column in COLUMNS])
+    json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
+    atomic_write_bytes(json_path, (json.dumps(ordered, indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(csv_path, text.getvalue().encode("utf-8"))
+    return csv_path, json_path
+
+
+def read_previous(out_dir: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier ``results.json`` in ``out_dir`` (empty if none or unreadable)."""
+    path = Path(out_dir) / "results.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+
+
+def fingerprint(cfg: SweepConfig, *, base: Path | str, data: Path | str) -> str:
+    """What makes a run's result reusable: base file, data, training, early stopping, generation, overrides."""
+    base_id: Any = str(base)
+    with contextlib.suppress(OSError):
+        stat = Path(base).stat()
+        base_id = [str(Path(base).resolve()), stat.st_size, stat.st_mtime_ns]
+    payload = {
+        "base": base_id,
+        "data": str(Path(data).resolve()) if str(data) != SAMPLE else SAMPLE,
+        "training": asdict(cfg.training),
+        "early_stopping": asdict(cfg.early_stopping),
+        "generation": asdict(cfg.generation),
+        "overrides": list(cfg.overrides),
+        "prompt_template": cfg.prompt_template,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple[str, str, int, float, int | None] | None:
+    try:
+        seed = int(row["seed"]) if is_rerun(row) else None
+        return (str(row["task"]), str(row["preset"]), int(row["rank"]), float(row["lr"]), seed)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _reusable(row: Mapping[str, Any], fp: str) -> bool:
+    """An earlier row a resumed sweep may keep: status ok and recorded with the same fingerprint."""
+    return _is_ok(row) and row.get("fingerprint") == fp
+
+
+def reusable_rows(previous: Iterable[Mapping[str, Any]], grid: Sequence[RunSpec], fp: str) -> dict[tuple, dict]:
+    """Earlier rows to keep: status ok, in the grid and recorded with the same fingerprint (first one per run)."""
+    keys = {spec.key for spec in grid}
+    kept: dict[tuple, dict] = {}
+    for row in previous:
+        key = _row_key(row)
+        if key in keys and key not in kept and _reusable(row, fp):
+            kept[key] = dict(row)
+    return kept
+
+
+def reusable_reruns(previous: Iterable[Mapping[str, Any]], fp: str) -> list[Mapping[str, Any]]:
+    """Earlier seed reruns a resumed sweep may keep (ok, same fingerprint); which of them it uses is known only once
+    the grid has run (`best_lr_reruns`, then `reusable_rows`)."""
+    return [row for row in previous if is_rerun(row) and _reusable(row, fp)]
+
+
+def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A plain-text table of the rows: preset, rank, lr, metric, params, % of best LoRA, steps, status."""
+    header = ["task", "preset", "rank", "lr", "seed", "metric", "params", "% best lora", "steps", "early stop", "status"]
+    lines = []
+    for row in rows:
+        metric, percent = _finite(row.get("metric")), _finite(row.get("percent_of_best_lora"))
+        steps = row.get("steps_run")
+        lines.append([
+            str(row["task"]), str(row["preset"]), str(row["rank"]), f"{float(row['lr']):g}", str(row.get("seed", "")),
+            "" if metric is None else f"{metric:.2f}",
+            f"{int(row['trainable_params']):,}" if row.get("trainable_params") is not None else "",
+            "" if percent is None else f"{percent:.1f}",
+            "" if steps is None else f"{steps}/{row.get('max_steps', '')}",
+            {True: "yes", False: "no"}.get(row.get("early_stopped"), ""),
+            str(row.get("status", ""))[:60],
+        ])
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    failures = [f"  {row.get('run', '')}: {row['status']} (log: {row.get('finetune_log') or ''})"
+                for row in rows if str(row.get("status", "")).startswith("failed")]
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in lines),
+                      *(["failed runs:", *failures] if failures else [])])
