@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_tiedlora.apps.demo.embedded import embedded_base
-from nemo_tiedlora.tools.runner import run_checked
+from nemo_tiedlora.apps.runner import run_checked
 
 CONFIGS = ("base", "lora", "vera", "tl5", "tl6")
 

@@ -11,7 +11,7 @@ layer keeps anyway; saved by reference, never copied), at most two [T, r] tensor
   trained (``g = u ⊙ h`` is recomputed from it in backward);
 - ``g = u ⊙ h`` [T, r] in the second half of the split form, when B or v is trained.
 
-Backward (spec section 5), with ``M = dz^T g`` [out, r]::
+Backward (docs/design.md section 5), with ``M = dz^T g`` [out, r]::
 
     grad_B = s * v[:, None] * M          grad_v = s * (M * B).sum(-1)
     dg = dz @ (s * v[:, None] * B)       grad_u = (dg * h).sum(tokens)

@@ -1,6 +1,6 @@
 """Tied-LoRA configuration: factor flags, the paper's presets and one validated, frozen config.
 
-The update (spec section 1) for layer l is ``z = W_l x + s * v_l ⊙ (B (u_l ⊙ (A x))))`` with ``s = alpha / r``.
+The update (docs/design.md section 1) for layer l is ``z = W_l x + s * v_l ⊙ (B (u_l ⊙ (A x))))`` with ``s = alpha / r``.
 Each of A, B (shared across layers when ``tied``), u_l, v_l is trained or frozen; :data:`PRESETS` names the
 flag sets of the paper's Table 1 (Renduchintala et al., arXiv 2311.09578 v2). Everything that can be checked
 without the model's shape is checked once, in :meth:`TiedLoraConfig.__post_init__`; the shape-dependent checks
@@ -45,7 +45,7 @@ class FactorFlags:
 
     @property
     def zero_factor(self) -> str:
-        """The one factor initialized to zero (spec section 3), so the model equals the base at step 0.
+        """The one factor initialized to zero (docs/design.md section 3), so the model equals the base at step 0.
 
         B if B is trained, else v if v is trained, else A if A is trained, else u. It is always a trained
         factor when any factor is trained, so no two zero factors deadlock the gradients.
@@ -86,7 +86,7 @@ PRESETS: dict[str, FactorFlags] = {
     "tl5": _flags(tied=True, a=True, b=True, u=False, v=False),  # 4dr
     "tl6": _flags(tied=True, a=True, b=True, u=True, v=True),  # 4dr + L(r + 3d), the paper's recommendation
 }
-"""The paper's Table 1 as flag sets (spec section 2)."""
+"""The paper's Table 1 as flag sets (docs/design.md section 2)."""
 
 _VERA_U_INIT = 0.1  # VeRA initializes its r-wide scaling vector d (our u) to 0.1
 _DEFAULT_SCALE_INIT = 1.0

@@ -1,6 +1,6 @@
 """Pure-torch Tied-LoRA math: the update, the merged delta, initialization and parameter counts.
 
-Notation (spec section 1, torch ``nn.Linear`` convention, a weight maps its columns to its rows):
+Notation (docs/design.md section 1, torch ``nn.Linear`` convention, a weight maps its columns to its rows):
 
 - ``A``: ``[r, d]``, maps d -> r (the paper's d x r down-projection), shared by Q, K and V.
 - ``B``: ``[out, r]``, maps r -> out; ``out = 3d`` with multi-head attention, see :func:`qkv_out_width`.
@@ -161,7 +161,7 @@ def init_factors(
     layer_index: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """Initial ``{'A': [r, in], 'B': [out, r], 'u': [r], 'v': [out]}`` per spec section 3.
+    """Initial ``{'A': [r, in], 'B': [out, r], 'u': [r], 'v': [out]}`` per docs/design.md section 3.
 
     - The zero factor (``cfg.flags.zero_factor``) is all zeros, so the update is zero at step 0.
     - A frozen random A or B is Kaiming-uniform (as VeRA) with its full fan-in (``in_features`` for A, ``r``

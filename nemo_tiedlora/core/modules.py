@@ -1,6 +1,6 @@
 """The Tied-LoRA modules in plain torch: the model-wide shared factors and the per-layer factors.
 
-    z = W_l x + s * v_l * (B (u_l * (A x)))          (spec section 1; s = alpha / r)
+    z = W_l x + s * v_l * (B (u_l * (A x)))          (docs/design.md section 1; s = alpha / r)
 
 `SharedFactors` owns the tied A [r, d] and B [out, r] once per model replica. `LayerFactors` owns the per-layer
 u_l [r] and v_l [out] (and A_l, B_l when untied, i.e. plain LoRA) and only *refers* to the shared factors: the

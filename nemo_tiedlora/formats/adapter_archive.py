@@ -1,4 +1,4 @@
-"""The adapter archive: one logical state, loadable at any TP/PP (spec section 6).
+"""The adapter archive: one logical state, loadable at any TP/PP (docs/design.md section 6).
 
 A Tied-LoRA adapter `.nemo` is a tar archive holding
 - `tiedlora.json`: format version, scheme, the resolved config (flags, rank, alpha, inits, seeds), the base model's

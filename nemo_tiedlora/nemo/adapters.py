@@ -1,4 +1,4 @@
-"""The tied-adapter mixins: Tied-LoRA presented to NeMo's adapter machinery (spec section 8).
+"""The tied-adapter mixins: Tied-LoRA presented to NeMo's adapter machinery (docs/design.md section 8).
 
 NeMo finds adapters through `AdapterModuleMixin` modules (`add_adapter` by name, `get_adapter_module`,
 `unfreeze_enabled_adapters`, tensors under `adapter_layer.<name>.` keys). Two such modules carry Tied-LoRA:
@@ -151,7 +151,7 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
 
     The update runs as the fused functions of `nemo_tiedlora.core.autograd` (rank-sized saved state) on every path. A and
     u are applied to this rank's own input, *before* the tensor-parallel region, so what crosses ranks is
-    g = u * (A x) [tokens, r], never the [tokens, d] input (spec section 5):
+    g = u * (A x) [tokens, r], never the [tokens, d] input (docs/design.md section 5):
 
     - TP = 1: no region; the one-piece fused function.
     - TP > 1, no sequence parallelism: x is the same on every TP rank; `copy_to_tensor_model_parallel_region(g)`
@@ -161,7 +161,7 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
       goes through `gather_from_sequence_parallel_region` (forward: all-gather to [s, b, r]; backward:
       reduce-scatter of dg). A's and u's gradients are partial over the shards and summed over TP.
 
-    Input (spec section 4): with the local spec (CPU, and GPU without TransformerEngine) `linear_qkv` is a
+    Input (docs/design.md section 4): with the local spec (CPU, and GPU without TransformerEngine) `linear_qkv` is a
     ColumnParallelLinear whose input is already normalized (and, with SP, the local shard); the adapter reads it.
     With the TransformerEngine spec `linear_qkv` fuses the input layernorm; the wrapper asks it to return the
     normalized output too (`return_layernorm_output`), *not gathered*: TE could also return it already gathered

@@ -1,4 +1,4 @@
-"""Replication of the adapter tensors over model parallelism (spec section 5).
+"""Replication of the adapter tensors over model parallelism (docs/design.md section 5).
 
 Every adapter tensor is a full replica on the ranks that use it:
 - A and B (tag ``model``): on every TP rank, every PP stage and every virtual-pipeline chunk.

@@ -6,7 +6,7 @@
 - ``import_hf``: a Hugging Face Llama-family checkpoint as a base ``.nemo``;
 - ``inspect``: what an adapter archive holds (no NeMo).
 
-They import the core (``reshard``, ``merge``, ``checkpoint``, ``hf_export``, ``hf_import``, ``shape``) and the NeMo
-glue (``nemo.base_archive``, the one ``.nemo`` base reader / writer), never the applications (cli, demo, study, bench),
-which import them.
+They import the core and the formats (``formats.reshard``, ``formats.merge_delta``, ``formats.adapter_archive``,
+``formats.hf``, ``core.model_shape``) and the NeMo glue (``nemo.base_archive``, the one ``.nemo`` base reader /
+writer), never the applications (cli, demo, study, bench), which import them.
 """

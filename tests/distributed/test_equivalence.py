@@ -1,4 +1,4 @@
-"""Training at TP/PP/DP > 1 gives the same model as TP=PP=1 (spec section 5), with real process groups:
+"""Training at TP/PP/DP > 1 gives the same model as TP=PP=1 (docs/design.md section 5), with real process groups:
 torchrun + gloo on CPU, real NeMo + megatron-core, the tiny 4-layer GQA base, 5 optimizer steps, fp32.
 
 Reference: the TP1/PP1 run from the same base weights, data and seed (for the bf16 megatron_amp_O2 runs: the bf16 O2

@@ -1,6 +1,6 @@
 """The CUDA path (run where a GPU is lent, and in the Jenkinsfile's GPU stage): the update on CUDA against the
 plain-torch formula in fp32 and bf16, and TiedLoraQKV around megatron's TransformerEngine layernorm-linear, whose
-normalized output the adapter must read (spec section 4). Skipped without CUDA."""
+normalized output the adapter must read (docs/design.md section 4). Skipped without CUDA."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""End to end: a Tied-LoRA model in real NeMo vs its export loaded by transformers + peft (spec section 6).
+"""End to end: a Tied-LoRA model in real NeMo vs its export loaded by transformers + peft (docs/design.md section 6).
 
 The tiny Llama-style base (RMSNorm, SwiGLU, RoPE, GQA 4 heads / 2 query groups, untied embeddings, padded
 vocabulary) with random adapter factors; the references are NeMo's own logits, with and without the adapters.

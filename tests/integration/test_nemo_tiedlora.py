@@ -14,7 +14,7 @@ from tests.unit.spec_table import PAPER_FLAGS
 
 pytestmark = pytest.mark.integration
 
-PRESET_FLAGS = PAPER_FLAGS  # spec section 2: tied, A, B, u, v trained
+PRESET_FLAGS = PAPER_FLAGS  # docs/design.md section 2: tied, A, B, u, v trained
 
 
 def closed_form(preset: str, *, d: int, layers: int, r: int, out: int) -> int:

@@ -1,6 +1,6 @@
-"""The spec's tables, written out independently of the package, for the unit tests to assert against.
+"""The design's tables, written out independently of the package, for the unit tests to assert against.
 
-TIEDLORA.md section 2 (paper Table 1) and section 3 (which factor starts at zero).
+docs/design.md section 2 (the paper's Table 1) and section 3 (which factor starts at zero).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """HF export as pure state-dict transforms (no NeMo): the fused-QKV split, per-layer LoRA, PEFT keys, atomic writes.
 
 References are built here by hand: fused QKV rows assembled head by head in Megatron's group order, and the
-merged update written with explicit diagonal matrices (spec sections 1 and 4).
+merged update written with explicit diagonal matrices (docs/design.md sections 1 and 4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The update, delta weight and LoRA export against naive references written here (spec section 1)."""
+"""The update, delta weight and LoRA export against naive references written here (docs/design.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every trainable factor learns within two steps and frozen ones get no gradient (spec section 3).
+"""Every trainable factor learns within two steps and frozen ones get no gradient (docs/design.md section 3).
 
 A tiny pure-torch stack: each layer is a frozen ``nn.Linear(d, out)`` (the fused QKV stand-in) plus the
 Tied-LoRA update, followed by a frozen projection back to d. Tied A and B are one ``nn.Parameter`` each,

@@ -1,4 +1,4 @@
-"""Initialization (spec section 3): zero update at step 0, one zero factor, seeded and regenerable randoms."""
+"""Initialization (docs/design.md section 3): zero update at step 0, one zero factor, seeded and regenerable randoms."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tiedlora.tools import runner as runner_mod
+from nemo_tiedlora.apps import runner as runner_mod
 from nemo_tiedlora.apps.study.child import PID_FILE, RunFolderBusy, claim_run_folder
 from nemo_tiedlora.apps.study.sweep import RunSpec, SweepContext, finetune_args, parse_config, training_record
 from tests.processes import process_gone
@@ -102,7 +102,7 @@ def _parent_script(tmp_path: Path) -> Path:
     script.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from nemo_tiedlora.tools.runner import run_logged
+        from nemo_tiedlora.apps.runner import run_logged
         try:
             run_logged([sys.executable, "-c", {_CHILD!r}, "name=run_x"], log=Path({str(tmp_path / 'child.log')!r}),
                        title="child", pid_file=Path({str(tmp_path / 'run' / PID_FILE)!r}), marker="name=run_x")
@@ -199,7 +199,7 @@ def test_a_child_started_inside_a_torchrun_job_is_not_taken_for_its_rank(tmp_pat
     script.write_text(textwrap.dedent("""
         import json, os, sys
         from nemo_tiedlora.nemo import launch
-        from nemo_tiedlora.tools.runner import child_env
+        from nemo_tiedlora.apps.runner import child_env
         child = child_env()
         json.dump({"rank": sorted(os.environ), "child": sorted(child),
                    "launched": [m for m in launch._LAUNCHED_MARKERS if m in child]}, open(sys.argv[1], "w"))

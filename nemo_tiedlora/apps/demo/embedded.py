@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nemo_tiedlora.tools.runner import run_logged
+from nemo_tiedlora.apps.runner import run_logged
 
 __all__ = ["embedded_base"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nemo_tiedlora.apps.demo import extraction_data as extraction, smollm2
 from nemo_tiedlora.apps.demo.run import DemoSettings, evaluate, finetune
-from nemo_tiedlora.tools.runner import run_checked
+from nemo_tiedlora.apps.runner import run_checked
 
 # SmolLM2's own chat format (its GGUF chat template with the default system turn) as NeMo's SFT prompt template.
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

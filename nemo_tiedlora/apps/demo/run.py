@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nemo_tiedlora.apps.demo.data import build_all, score
 from nemo_tiedlora.apps.demo.embedded import embedded_base
-from nemo_tiedlora.tools.runner import entry_script, run_logged
+from nemo_tiedlora.apps.runner import entry_script, run_logged
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def imported_base(cache: Path) -> Path:
     out of the caller)."""
     import sys
 
-    from nemo_tiedlora.tools.runner import run_checked
+    from nemo_tiedlora.apps.runner import run_checked
 
     source = gguf_path()
     cache = Path(cache).resolve()

@@ -1,4 +1,4 @@
-"""The run folders the sweep's children write (their children run through :mod:`nemo_tiedlora.tools.runner`, bound
+"""The run folders the sweep's children write (their children run through :mod:`nemo_tiedlora.apps.runner`, bound
 to the sweep: Ctrl-C or a killed sweep stops them).
 
 Where that binding is unavailable (or for a folder left by an older sweep), :func:`claim_run_folder` refuses to

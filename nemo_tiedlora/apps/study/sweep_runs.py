@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_tiedlora.apps.study.child import PID_FILE, claim_run_folder
-from nemo_tiedlora.tools.runner import entry_script, run_logged
+from nemo_tiedlora.apps.runner import entry_script, run_logged
 from nemo_tiedlora.apps.study.sweep_config import EMBEDDED, SAMPLE, SMOLLM2, SweepConfig
 from nemo_tiedlora.apps.study.sweep_results import RunSpec, base_shape, fingerprint, trainable_params
 

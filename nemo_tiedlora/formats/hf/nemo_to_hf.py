@@ -4,7 +4,7 @@ Core layer: pure state-dict transforms plus atomic file writers (``fileio``); no
 ``export`` tool in ``nemo_tiedlora.tools.export`` reads the archives and calls these). The inverse direction, a HF
 checkpoint into NeMo, is ``nemo_tiedlora.formats.hf.llama_to_nemo``.
 
-Adapter (spec sections 1, 4, 6). Every configuration is a per-layer rank-r LoRA on the fused QKV linear
+Adapter (docs/design.md sections 1, 4, 6). Every configuration is a per-layer rank-r LoRA on the fused QKV linear
 (``nemo_tiedlora.formats.merge_delta.per_layer_lora``),
 
     A_l = diag(u_l) A   [r, d]        B_l = s * diag(v_l) B   [out, r]        (s = alpha / r folded into B_l)

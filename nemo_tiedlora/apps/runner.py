@@ -33,7 +33,7 @@ _PR_SET_PDEATHSIG = 1
 def entry_script(name: str) -> Path:
     """The NeMo-style entry script ``name`` (``megatron_gpt_finetuning.py``, ``megatron_gpt_generate.py``, ...) as
     shipped in the package (``nemo_tiedlora/apps/entry_scripts/``), so a wheel runs it as a checkout does."""
-    path = Path(__file__).resolve().parents[1] / "apps" / "entry_scripts" / name
+    path = Path(__file__).resolve().parent / "entry_scripts" / name
     if not path.is_file():
         raise FileNotFoundError(f"entry script {name} not found in {path.parent}: reinstall nemo_tiedlora")
     return path
