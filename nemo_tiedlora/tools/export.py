@@ -25,7 +25,8 @@ from nemo_tiedlora.core.fileio import check_output
 from nemo_tiedlora.formats.hf.nemo_to_hf import hf_peft_adapter, nemo_gpt_to_hf_llama, write_hf_model, write_hf_peft
 from nemo_tiedlora.formats.hf.tokenizer import from_gguf_before_repair, portable_files, special_token_ids
 from nemo_tiedlora.formats.merge_delta import per_layer_lora
-from nemo_tiedlora.nemo.base_archive import base_config, batch_sizes_in_force, loadable_at_tp1, read_base, save_to
+from nemo_tiedlora.nemo.base_archive import base_config, loadable_at_tp1, read_base
+from nemo_tiedlora.nemo.cpu_restore import batch_sizes_in_force, save_to
 from nemo_tiedlora.nemo.hf_base_config import archive_tokenizer_files
 from nemo_tiedlora.core.model_shape import model_shape
 
