@@ -26,12 +26,13 @@ def _factors(preset: str, out: int, dtype=torch.float32, seed: int = 0) -> list[
             for name, shape in shapes.items()]
 
 
-def _run(fn, x, factors):
-    """Output and the gradients of (x, A, B, u, v) for a fixed random upstream gradient."""
+def _run(fn, x, factors, dz=None):
+    """Output and the gradients of (x, A, B, u, v) for upstream gradient ``dz`` (default: a fixed random one)."""
     x = x.detach().clone().requires_grad_(True)
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in factors]
     out = fn(x, *leaves)
-    dz = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
+    if dz is None:
+        dz = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
     out.backward(dz)
     return out.detach(), [x.grad] + [t.grad for t in leaves]
 
@@ -66,17 +67,76 @@ def test_fused_equals_reference(preset, shape, split):
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_tp_row_partitions(preset):
-    """Each TP rank's rows of B and v (whole query groups): the partition's output and gradients equal the
-    reference on the same rows, and the partitions' B/v gradients add up to the full one."""
+    """Each TP rank's rows of B and v (whole query groups), with that rank's columns of one upstream gradient: the
+    partition's output and gradients equal the reference on the same rows, the partitions' outputs side by side are
+    the full reference's output, and the partitions' gradients of x, A, B, u and v add up to the full reference's."""
     out = OUTS["gqa"]
     factors = _factors(preset, out)
     x = torch.randn(5, 2, D, generator=torch.Generator().manual_seed(2))
-    halves = (slice(0, out // 2), slice(out // 2, out))
-    for rows in halves:
+    dz = torch.randn(5, 2, out, generator=torch.Generator().manual_seed(3))
+    full = _run(lambda x, a, b, u, v: tied_lora_update(x, a, b, u, v, SCALE), x, factors, dz)
+    parts = []
+    for rows in (slice(0, out // 2), slice(out // 2, out)):
         got = _run(lambda x, a, b, u, v: fused_tied_lora_update(x, a, b[rows], u, v[rows], SCALE,
-                                                                region=_identity_region), x, factors)
-        want = _run(lambda x, a, b, u, v: tied_lora_update(x, a, b[rows], u, v[rows], SCALE), x, factors)
+                                                                region=_identity_region), x, factors, dz[..., rows])
+        want = _run(lambda x, a, b, u, v: tied_lora_update(x, a, b[rows], u, v[rows], SCALE), x, factors,
+                    dz[..., rows])
         _assert_same(got, want)
+        parts.append(got)
+    torch.testing.assert_close(torch.cat([p[0] for p in parts], dim=-1), full[0])
+    for i, name in enumerate(("x", "A", "B", "u", "v")):  # B, v: each partition's grad is zero off its rows
+        grads = [p[1][i] for p in parts]
+        if full[1][i] is None:
+            assert all(g is None for g in grads), name
+        else:
+            torch.testing.assert_close(grads[0] + grads[1], full[1][i], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"summed grad of {name}: {m}")
+
+
+def _saved_for_backward(fn, *args) -> list[torch.Tensor]:
+    """Every tensor autograd keeps for backward while ``fn(*args)`` runs (each one passes the pack hook)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return saved
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _kept_beyond_inputs(saved, inputs) -> int:
+    """Elements of the saved tensors that share storage with none of ``inputs`` (x, the factors, the mask)."""
+    known = {_storage(t) for t in inputs}
+    return sum(t.numel() for t in saved if _storage(t) not in known)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_piece", "split"])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_backward_keeps_only_rank_sized_tensors(preset, split):
+    """Counted with saved_tensors_hooks, against the closed form of core/autograd.py: beyond x and the factors,
+    backward keeps h = A x [T, r] (one piece: if u, B or v trains; split: if u trains) and, split, g [T, r] (if B or
+    v trains); x itself (the same storage) only if A trains. The reference composition keeps a [T, out] tensor
+    whenever v trains."""
+    factors = _factors(preset, OUTS["mha"])
+    x = torch.randn(6, 3, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    tokens, flags = 6 * 3, trained(preset)
+    region = _identity_region if split else None
+    saved = _saved_for_backward(lambda *t: fused_tied_lora_update(*t, SCALE, region=region), x, *factors)
+    if split:
+        closed_form = tokens * RANK * (int(flags["u"]) + int(flags["B"] or flags["v"]))
+    else:
+        closed_form = tokens * RANK * int(flags["u"] or flags["B"] or flags["v"])
+    assert _kept_beyond_inputs(saved, [x, *factors]) == closed_form
+    assert (_storage(x) in {_storage(t) for t in saved}) == flags["A"]
+    reference = _saved_for_backward(lambda *t: tied_lora_update(*t, SCALE), x, *factors)
+    if flags["v"]:
+        assert _kept_beyond_inputs(reference, [x, *factors]) >= tokens * OUTS["mha"]
 
 
 def _stack(cfg: TiedLoraConfig, layers: int = 4):
@@ -113,7 +173,9 @@ def test_modules_with_layer_selection_use_the_fused_update(preset):
 
 @pytest.mark.parametrize("split", [False, True], ids=["one_piece", "split"])
 def test_dropout_keeps_the_mask_not_a_copy(split):
-    """With a keep-mask the result equals the reference with the same dropout applied before it."""
+    """With a keep-mask the result equals the reference with the same dropout applied before it, and backward keeps
+    the caller's mask itself (the same storage) and the undropped x, and no other tensor of x's size (no dropped
+    copy of x, no copy of the mask)."""
     factors = _factors("tl6", OUTS["mha"])
     x = torch.randn(6, 2, D, generator=torch.Generator().manual_seed(4))
     mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) > 0.3
@@ -124,6 +186,14 @@ def test_dropout_keeps_the_mask_not_a_copy(split):
     want = _run(lambda x, a, b, u, v: tied_lora_update(x, a, b, u, v, SCALE, dropout=lambda t: t * mask / keep),
                 x, factors)
     _assert_same(got, want)
+    leaves = [t.detach().requires_grad_(True) for t in factors]  # A trains: x must be kept, undropped
+    x = x.requires_grad_(True)
+    saved = _saved_for_backward(lambda *t: fused_tied_lora_update(*t, SCALE, keep_mask=mask, keep_prob=keep,
+                                                                  region=region), x, *leaves)
+    storages = {_storage(t) for t in saved}
+    assert _storage(mask) in storages and _storage(x) in storages
+    own = {_storage(mask), _storage(x)}
+    assert [t.shape for t in saved if t.shape[-1] == D and t.numel() == x.numel() and _storage(t) not in own] == []
 
 
 def test_layer_dropout_only_in_training():
