@@ -5,6 +5,8 @@ Per token per layer, beyond x, in elements (r = rank, out = the QKV width), with
   + ``out [v]`` (``B (u * A x)`` for v's grad); LoRA: ``r``.
 - fused, one piece: ``r`` if any of u, B, v is trained (``A x``; ``u * A x`` is recomputed), else 0.
 - split (TP): ``r [u]`` (``A x``) + ``r [B or v]`` (``u * A x``, kept by the second half).
+
+adapter_traffic's table against the collectives recorded on a real 2-rank gloo group (tests/unit/collective_probe.py).
 """
 
 from __future__ import annotations
@@ -43,17 +45,37 @@ def test_fused_meets_the_target(preset):
         assert saved_bytes_per_token(preset, hidden_size=D, out_features=OUT, rank=R, impl=impl) <= lora + 8 * R
 
 
-def test_traffic_by_construction():
-    tokens, d, r = 4096, 4096, 8
-    tp = adapter_traffic(tokens=tokens, hidden_size=d, rank=r, tp=2, sequence_parallel=False, bytes_per_element=2)
-    before = [(c["pass"], c["collective"], c["elements"]) for c in tp["before"]]
-    assert before == [("backward", "all-reduce", tokens * d)]
-    after = [(c["collective"], c["elements"], c["bytes"]) for c in tp["after"]]
-    assert after == [("all-reduce", tokens * r, tokens * r * 2)]
-    assert tp["after"][0]["bytes_sent_per_rank"] == tokens * r * 2  # ring all-reduce at TP2: 2 (tp-1)/tp = 1
-    sp = adapter_traffic(tokens=tokens, hidden_size=d, rank=r, tp=2, sequence_parallel=True, bytes_per_element=4)
-    assert [c["collective"] for c in sp["after"]] == ["all-gather", "reduce-scatter"]
-    assert all(c["elements"] == tokens * r and c["bytes_sent_per_rank"] == tokens * r * 4 // 2 for c in sp["after"])
-    assert all(c["elements"] == tokens * d for c in sp["before"])
-    assert adapter_traffic(tokens=tokens, hidden_size=d, rank=r, tp=1, sequence_parallel=False,
-                           bytes_per_element=4) == {"before": [], "after": []}
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def observed_collectives(request, tmp_path_factory):
+    """What collective_probe records on a real 2-rank gloo group (two spawned processes), per layout."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from collective_probe import observe
+
+    work = tmp_path_factory.mktemp(f"collectives_{request.param}")
+    out = work / "calls.json"
+    mp.start_processes(observe, args=(str(work / "init"), str(out), request.param), nprocs=2, start_method="spawn")
+    return getattr(torch, request.param), json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_traffic_equals_the_observed_collectives(observed_collectives, sequence_parallel):
+    """adapter_traffic's rows (pass, collective, elements, bytes) for TP=2 equal the collectives observed on a real
+    gloo group: the region on g [s, b, r] ('after', the adapter) and on x [s, b, d] ('before'), one update's forward
+    and backward; bytes_sent_per_rank is the ring's share of the observed bytes."""
+    from collective_probe import BATCH, D, RANK, SEQ
+
+    dtype, record = observed_collectives
+    size = torch.tensor([], dtype=dtype).element_size()
+    table = adapter_traffic(tokens=SEQ * BATCH, hidden_size=D, rank=RANK, tp=2, sequence_parallel=sequence_parallel,
+                            bytes_per_element=size)
+    for phase in ("before", "after"):
+        seen = record[f"{phase} sp={sequence_parallel}"]
+        assert [(c["pass"], c["collective"], c["elements"], c["bytes"]) for c in table[phase]] \
+            == [tuple(call) for call in seen], phase
+        ring = {"all-reduce": 2 * (2 - 1) / 2, "all-gather": (2 - 1) / 2, "reduce-scatter": (2 - 1) / 2}
+        assert [c["bytes_sent_per_rank"] for c in table[phase]] == [ring[name] * nbytes for _, name, _, nbytes in seen]
+    assert adapter_traffic(tokens=SEQ * BATCH, hidden_size=D, rank=RANK, tp=1, sequence_parallel=False,
+                           bytes_per_element=size) == {"before": [], "after": []}
