@@ -172,23 +172,40 @@ def test_a_folder_a_live_process_writes_into_is_not_reused(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.skipif(not LINUX, reason="claim_run_folder reads a live process's command line from /proc (Linux)")
 def test_a_recycled_pid_running_something_else_does_not_block(tmp_path):
+    """A PID file naming a live process whose command line does not name this run (here: pytest's parent) is
+    stale: the folder is claimed and cleared."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / PID_FILE).write_text(f"{os.getpid() if not LINUX else os.getppid()} name=some_other_run\n")
-    if LINUX:
-        claim_run_folder(run_dir)  # the live process's command line does not name this run
-        assert not run_dir.exists()
+    (run_dir / PID_FILE).write_text(f"{os.getppid()} name=some_other_run\n")
+    claim_run_folder(run_dir)
+    assert not run_dir.exists()
+
+
+_STUBBORN = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             "grandchild = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)'], "
+             "stdout=subprocess.PIPE, text=True); grandchild.stdout.readline(); "
+             "print(grandchild.pid, flush=True); time.sleep(60)")
 
 
 def test_stop_group_escalates_to_sigkill(tmp_path):
-    stubborn = subprocess.Popen(
-        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-         "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    assert stubborn.stdout.readline().strip() == "ready"
-    started = time.time()
-    runner_mod.stop_group(stubborn, grace=1.0)
-    assert stubborn.returncode == -signal.SIGKILL and time.time() - started < 10
+    """A process and its grandchild (one process group) that both ignore SIGTERM: stop_group kills both with
+    SIGKILL."""
+    stubborn = subprocess.Popen([sys.executable, "-c", _STUBBORN], stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    grandchild = int(stubborn.stdout.readline())
+    try:
+        assert os.getpgid(grandchild) == stubborn.pid
+        runner_mod.stop_group(stubborn, grace=1.0)
+        assert stubborn.returncode == -signal.SIGKILL
+        assert process_gone(grandchild), "the grandchild in the stopped group runs on"
+    finally:  # a group id is not reused while the group has members: this reaches only what the test started
+        try:
+            os.killpg(stubborn.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_a_child_started_inside_a_torchrun_job_is_not_taken_for_its_rank(tmp_path):
