@@ -175,14 +175,16 @@ class AdapterBank:
         self._free[tied].extend(range(old, (self.tied_a if tied else self.untied_a).shape[0]))
 
     # ---- a batch ------------------------------------------------------------------------------------------------
-    def gather(self, names: Sequence[Optional[str]]) -> BankBatch:
-        """The factors of a batch whose sequence i uses adapter ``names[i]`` (None: the base alone)."""
+    def gather(self, names: Sequence[Optional[str]], *, out_rows: Optional[slice] = None) -> BankBatch:
+        """The factors of a batch whose sequence i uses adapter ``names[i]`` (None: the base alone). `out_rows`:
+        only these rows of the output (a tensor-parallel rank's partition of the fused QKV output)."""
         unknown = sorted({name for name in names if name is not None and name not in self._slots})
         if unknown:
             raise KeyError(unknown[0])
         tied_rows = [self._slots[name][1] if name is not None and self._slots[name][0] else -1 for name in names]
         untied_rows = [self._slots[name][1] if name is not None and not self._slots[name][0] else -1 for name in names]
-        return BankBatch(self, _rows(tied_rows, self.device), _rows(untied_rows, self.device))
+        return BankBatch(self, _rows(tied_rows, self.device), _rows(untied_rows, self.device),
+                         out_rows=out_rows or slice(None), rows=len(names))
 
 
 def _rows(slots: list[int], device: torch.device) -> Optional[tuple[Tensor, Tensor]]:
@@ -197,12 +199,14 @@ class BankBatch:
     """The gathered factors of one batch; :meth:`update` computes the adapters' contribution for any layer."""
 
     def __init__(self, bank: AdapterBank, tied: Optional[tuple[Tensor, Tensor]],
-                 untied: Optional[tuple[Tensor, Tensor]]) -> None:
-        self.bank, self._tied, self._untied = bank, tied, untied
+                 untied: Optional[tuple[Tensor, Tensor]], *, out_rows: slice, rows: int) -> None:
+        self.bank, self._tied, self._untied, self.out_rows, self.rows = bank, tied, untied, out_rows, rows
+        self.out_features = len(range(bank.shape.out_features)[out_rows])
         if tied is not None:
             index, keep = tied
             self.a = bank.tied_a.index_select(0, index)  # [n, R, d]: once per forward, every layer reuses it
-            self.b = bank.tied_b.index_select(0, index) * keep  # [n, out, R]; zero for rows not on a tied adapter
+            # [n, out, R] (this rank's rows); zero for the rows of the batch not on a tied adapter
+            self.b = bank.tied_b[:, out_rows].index_select(0, index) * keep
 
     def update(self, x: Tensor, layer: int, *, batch_dim: int = 0) -> Tensor:
         """The adapters' contribution for input ``x`` of 1-based `layer`: ``[..., out]`` shaped like ``x`` but for
@@ -210,16 +214,16 @@ class BankBatch:
         rows = x.movedim(batch_dim, 0)
         n = rows.shape[0]
         flat = rows.reshape(n, -1, rows.shape[-1]).to(self.bank.dtype)  # [n, t, d]
-        out = flat.new_zeros(n, flat.shape[1], self.bank.shape.out_features)
+        out = flat.new_zeros(n, flat.shape[1], self.out_features)
         if self._tied is not None:
             index, _ = self._tied
             u = self.bank.tied_u[:, layer - 1].index_select(0, index)  # [n, R]
-            v = self.bank.tied_v[:, layer - 1].index_select(0, index)  # [n, out]
+            v = self.bank.tied_v[:, layer - 1, self.out_rows].index_select(0, index)  # [n, out]
             g = torch.bmm(flat, self.a.transpose(1, 2)) * u.unsqueeze(1)  # [n, t, R]
             out = torch.bmm(g, self.b.transpose(1, 2)) * v.unsqueeze(1)  # [n, t, out]
         if self._untied is not None:
             index, keep = self._untied
             a = self.bank.untied_a[:, layer - 1].index_select(0, index)  # [n, R, d]
-            b = self.bank.untied_b[:, layer - 1].index_select(0, index) * keep  # [n, out, R]
+            b = self.bank.untied_b[:, layer - 1, self.out_rows].index_select(0, index) * keep  # [n, out, R]
             out = torch.baddbmm(out, torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
         return out.reshape(*rows.shape[:-1], -1).movedim(0, batch_dim).to(x.dtype)

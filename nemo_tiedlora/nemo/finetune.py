@@ -161,16 +161,33 @@ def load_for_inference(cfg: DictConfig) -> tuple[Any, Any]:
     _prepare(cfg)
     trainer = _build_trainer(cfg)
     adapter = cfg.model.peft.get("restore_from_path")
+    several = adapter is not None and (not isinstance(adapter, str) or Path(adapter).is_dir())
     # A Tied-LoRA archive is TP/PP-independent: take the inference config from the base (NeMo would insist that the
     # adapter's training TP/PP equal the evaluation's).
-    tiedlora = bool(adapter) and is_tiedlora_archive(Path(adapter))
+    tiedlora = bool(adapter) and (several or is_tiedlora_archive(Path(adapter)))
     config_source = cfg.model.restore_from_path if (tiedlora or not adapter) else adapter
     model_cfg = MegatronGPTSFTModel.merge_inference_cfg(config_source, cfg)
     model = MegatronGPTSFTModel.restore_from(cfg.model.restore_from_path, model_cfg, trainer=trainer)
-    if adapter:
+    if several:
+        _load_adapter_bank(model, adapter)
+    elif adapter:
         model.load_adapters(adapter)
     model.freeze()
     return trainer, model
+
+
+def _load_adapter_bank(model: Any, adapters: Any) -> None:
+    """Several adapters (a folder of adapter .nemo files or a list of them): all resident in one bank, each test
+    item generated with the adapter its ``adapter`` field names (none: the base)."""
+    from nemo_tiedlora.core.model_shape import model_shape
+    from nemo_tiedlora.formats.bank_entry import adapter_files, load_bank
+    from nemo_tiedlora.nemo.bank_qkv import attach_bank, select_from_metadata
+
+    spec = adapters if isinstance(adapters, str) else [str(item) for item in adapters]
+    bank = load_bank(adapter_files(spec), model_shape(model.cfg))
+    select_from_metadata(model, attach_bank(model, bank))
+    logger.info("%d adapters resident (%.1f MB): %s", len(bank), bank.adapter_bytes() / 1e6,
+                ", ".join(bank.names[:10]) + (" ..." if len(bank) > 10 else ""))
 
 
 def evaluate(cfg: DictConfig) -> Any:

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_tiedlora.formats.adapter_archive import tar_error_text
-from nemo_tiedlora.core.errors import TiedLoraCheckpointError
+from nemo_tiedlora.core.errors import TiedLoraCheckpointError, TiedLoraConfigError
 
 logger = logging.getLogger("nemo_tiedlora")
 
@@ -44,10 +44,24 @@ def check_before_launch(cfg: DictConfig, *, training: bool) -> None:
 
         check_parallel_layout(cfg.model, model_shape(base_cfg))
     adapter = cfg.model.get("peft", {}).get("restore_from_path")
-    if adapter:
+    if adapter and (not isinstance(adapter, str) or Path(adapter).is_dir()):
+        _check_adapter_set(adapter, training=training)
+    elif adapter:
         check_archive(Path(adapter), what="model.peft.restore_from_path")
     if training:
         check_training_data(cfg, base=Path(base) if base else None, base_cfg=base_cfg)
+
+
+def _check_adapter_set(adapters: Any, *, training: bool) -> None:
+    """Several adapters (a folder of adapter .nemo files, or a list): generation only, each a complete archive."""
+    from nemo_tiedlora.formats.bank_entry import adapter_files
+
+    if training:
+        raise TiedLoraConfigError(
+            "model.peft.restore_from_path names several adapters: training resumes one adapter; give one .nemo file")
+    spec = adapters if isinstance(adapters, str) else [str(item) for item in adapters]
+    for path in adapter_files(spec).values():
+        check_archive(path, what="model.peft.restore_from_path")
 
 
 UNFINISHED = "-unfinished"  # NeMo's marker next to a checkpoint being written (nemo_model_checkpoint.py)

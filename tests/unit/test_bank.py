@@ -125,6 +125,19 @@ def test_megatron_layout_sequence_first():
     torch.testing.assert_close(got[:, 2], refs["x"].update(x[:, 2], 2), rtol=1e-5, atol=1e-5)
 
 
+def test_a_tensor_parallel_rank_gets_its_rows_of_the_output():
+    """``out_rows``: each of two ranks' partitions equals its rows of the whole update (tied and untied rows)."""
+    refs = {name: Reference(_config(preset, 8, seed=i), seed=i) for i, (name, preset) in enumerate([("x", "tl6"),
+                                                                                                    ("y", "lora")])}
+    bank = _bank(refs)
+    x = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(6))
+    names = ["x", "y", None]
+    whole = bank.gather(names).update(x, 3)
+    halves = [bank.gather(names, out_rows=slice(k * OUT // 2, (k + 1) * OUT // 2)).update(x, 3) for k in range(2)]
+    torch.testing.assert_close(torch.cat(halves, dim=-1), whole)
+    torch.testing.assert_close(whole[0], refs["x"].update(x[0], 3), rtol=1e-5, atol=1e-5)
+
+
 def test_adding_and_removing_adapters_in_a_live_bank_leaves_the_others_unchanged():
     refs = {f"n{i}": Reference(_config("tl6" if i % 2 else "lora", 8, seed=i), seed=i) for i in range(5)}
     bank = AdapterBank(SHAPE, max_rank=8, capacity=2)
@@ -176,3 +189,53 @@ def test_an_adapter_for_more_layers_than_the_base_is_refused():
     ref = Reference(_config("tl6", 8, seed=1), seed=1)
     with pytest.raises(TiedLoraConfigError, match="adapts layers \\[4\\] but the base has 3 layers"):
         bank_adapter(ref.state(), ref.cfg, num_layers=3)
+
+
+def _save(path, ref: Reference, shape=None):
+    from nemo_tiedlora.formats.adapter_archive import save_archive
+
+    shape = shape or {"hidden_size": D, "num_layers": LAYERS, "num_attention_heads": HEADS,
+                      "num_query_groups": GROUPS, "kv_channels": D // HEADS, "out_features": OUT}
+    return save_archive(path, config=ref.cfg, shape=shape, tensors=ref.state())
+
+
+BASE_SHAPE = {"hidden_size": D, "num_layers": LAYERS, "num_attention_heads": HEADS, "num_query_groups": GROUPS,
+              "kv_channels": D // HEADS, "out_features": OUT}
+
+
+def test_a_folder_of_archives_loads_into_a_bank_named_by_file(tmp_path):
+    """adapter_files + load_bank: every .nemo of a folder, named by its stem, max rank the highest among them;
+    the bank's update for each name equals that archive's adapter run alone."""
+    from nemo_tiedlora.formats.bank_entry import adapter_files, load_bank
+
+    refs = {"alpha": Reference(_config("tl6", 4, seed=1), seed=1), "beta": Reference(_config("lora", 8, seed=2),
+                                                                                    seed=2)}
+    for name, ref in refs.items():
+        _save(tmp_path / f"{name}.nemo", ref)
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    loaded = []
+    bank = load_bank(adapter_files(tmp_path), BASE_SHAPE, progress=loaded.append)
+    assert sorted(bank.names) == ["alpha", "beta"] and sorted(loaded) == ["alpha", "beta"] and bank.max_rank == 8
+    _check(bank, refs, ["beta", "alpha", None])
+    listed = adapter_files([tmp_path / "beta.nemo", str(tmp_path / "alpha.nemo")])
+    assert list(listed) == ["beta", "alpha"]
+
+
+def test_adapter_sets_that_cannot_load_are_refused_naming_the_file(tmp_path):
+    from nemo_tiedlora.core.errors import TiedLoraCheckpointError
+    from nemo_tiedlora.formats.bank_entry import adapter_files, load_bank
+
+    with pytest.raises(TiedLoraConfigError, match="no adapter .nemo files in"):
+        adapter_files(tmp_path)
+    with pytest.raises(TiedLoraConfigError, match="does not exist"):
+        adapter_files([tmp_path / "missing.nemo"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ref = Reference(_config("tl6", 4, seed=1), seed=1)
+    _save(tmp_path / "a" / "same.nemo", ref)
+    _save(tmp_path / "b" / "same.nemo", ref)
+    with pytest.raises(TiedLoraConfigError, match="two adapters are named 'same'"):
+        adapter_files([tmp_path / "a", tmp_path / "b"])
+    other = dict(BASE_SHAPE, num_layers=6)
+    with pytest.raises(TiedLoraCheckpointError, match="adapter 'same' .*trained for a base of shape"):
+        load_bank(adapter_files(tmp_path / "a"), other)
