@@ -1,4 +1,5 @@
-"""Register the `tiedlora` PEFT scheme with NeMo as soon as NeMo's PEFT modules exist (core layer: no NeMo import).
+"""Register the `tiedlora` PEFT scheme with NeMo as soon as NeMo's PEFT modules exist (nemo glue layer; it imports no
+NeMo itself).
 
 Importing `nemo_tiedlora` must be enough to make `model.peft.peft_scheme=tiedlora` work, and
 ``from nemo.collections.nlp.parts.peft_config import PEFT_CONFIG_MAP`` must then hold ``tiedlora``; yet the

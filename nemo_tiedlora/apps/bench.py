@@ -81,7 +81,8 @@ def _measure(config: str, *, base: Path, data: Path, rank: int, steps: int, batc
         "median_step_s": statistics.median(times[3:]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable_parameters": sum(p.numel() for p in params),
-        "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in (optimizer.state.values() if optimizer else [])
+        "optimizer_state_bytes": sum(t.numel() * t.element_size()
+                                     for state in (optimizer.state.values() if optimizer else [])
                                      for t in state.values() if torch.is_tensor(t)),
     }
     # what the adapter adds to training memory: its parameters (all, frozen ones too), their grads, Adam's state;
@@ -139,7 +140,8 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{row['median_step_s'] / lora['median_step_s']:.3f} | "
             f"{row['median_step_s'] / base['median_step_s']:.3f} | {row['peak_rss_mb']:.0f} | "
             f"{_bytes(row['adapter_memory_bytes'])} | "
-            f"{row['trainable_parameters']:,} | {row['optimizer_state_bytes']:,} | {row.get('adapter_file_bytes', 0):,} | "
+            f"{row['trainable_parameters']:,} | {row['optimizer_state_bytes']:,} | "
+            f"{row.get('adapter_file_bytes', 0):,} | "
             f"{row.get('adapter_raw_bytes', 0):,} | {row.get('merge_s', 0):.4f} |")
     lines += ["", "Targets (same run):"] + [f"- {t}" for t in report["targets"]]
     lines += ["", "At this model size the adapters' extra FLOPs are well under 1% of a step: the differences between "
@@ -158,7 +160,8 @@ def _targets(rows: dict[str, dict[str, Any]]) -> list[str]:
     return [
         f"tl6 step time <= 1.05 x lora: {step:.3f} -> {'met' if step <= 1.05 else 'MISSED'}",
         f"tl6 peak memory <= lora (adapter memory): {tl6['adapter_memory_bytes']:,} B vs "
-        f"{lora['adapter_memory_bytes']:,} B -> {'met' if tl6['adapter_memory_bytes'] <= lora['adapter_memory_bytes'] else 'MISSED'}"
+        f"{lora['adapter_memory_bytes']:,} B -> "
+        f"{'met' if tl6['adapter_memory_bytes'] <= lora['adapter_memory_bytes'] else 'MISSED'}"
         f" (process peak RSS {tl6['peak_rss_mb']:.0f} MB vs {lora['peak_rss_mb']:.0f} MB)",
         f"tl6 adapter file <= 1.05 x raw + 64 KiB: {tl6['adapter_file_bytes']:,} <= {file_limit:,.0f} -> "
         f"{'met' if tl6['adapter_file_bytes'] <= file_limit else 'MISSED'}",
@@ -180,8 +183,9 @@ def run(*, out: Path, rank: int = 8, steps: int = 30, batch: int = 8, work: Path
     base = embedded_base(work, data, echo=True)
     best: dict[str, dict[str, Any]] = {}
     for config in tqdm([c for _ in range(rounds) for c in CONFIGS], desc="benchmark runs"):
-        command = [sys.executable, "-m", "nemo_tiedlora.apps.bench", config, "--base", str(base), "--data", str(work / "data"),
-                   "--rank", str(rank), "--steps", str(steps), "--batch", str(batch), "--work", str(work)]
+        command = [sys.executable, "-m", "nemo_tiedlora.apps.bench", config, "--base", str(base),
+                   "--data", str(work / "data"), "--rank", str(rank), "--steps", str(steps), "--batch", str(batch),
+                   "--work", str(work)]
         done = run_checked(command, what=f"benchmark of {config}")
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if not lines:

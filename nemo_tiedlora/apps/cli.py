@@ -76,7 +76,8 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help=f"learning rate (default {defaults.lr}; 8e-3 for --base smollm2)")
     parser.add_argument("--seed", type=int, default=None,
-                        help=f"seed of the adapter's initialization and the training-data order (default {defaults.seed})")
+                        help=f"seed of the adapter's initialization and the training-data order "
+                             f"(default {defaults.seed})")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="embedded base: skip training LoRA at the same rank beside the preset (a quicker run)")
     parser.add_argument("--update", default=None, choices=["fused", "reference"], help=argparse.SUPPRESS)

@@ -113,8 +113,8 @@ def run_logged(args: Sequence[str], *, log: Path, title: str, echo: bool = False
         print(f"\n== {title}\n   {' '.join(args[:2])} ...  (log: {log})", flush=True)
     parent = os.getpid()
     with open(log, "w") as out:
-        process = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=child_env(),
+        process = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=child_env(),
                                    text=True, preexec_fn=lambda: _bind_to_parent(parent))
         try:
             if pid_file is not None:

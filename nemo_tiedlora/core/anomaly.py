@@ -8,7 +8,7 @@ the resulting flag over the world group, and one read of that flag on the host. 
 out only when the flag is set. Every rank takes the same decision (the flag's all-reduce), so the whole job stops
 with the same error instead of one rank leaving the others waiting in a collective. Nothing is written: the
 checkpoint callback and the end-of-training adapter `.nemo` never see the poisoned factors (and
-`checkpoint.save_archive` refuses non-finite tensors anyway).
+`formats.adapter_archive.save_archive` refuses non-finite tensors anyway).
 """
 
 from __future__ import annotations

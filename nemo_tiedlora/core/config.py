@@ -1,10 +1,10 @@
 """Tied-LoRA configuration: factor flags, the paper's presets and one validated, frozen config.
 
-The update (docs/design.md section 1) for layer l is ``z = W_l x + s * v_l ⊙ (B (u_l ⊙ (A x))))`` with ``s = alpha / r``.
-Each of A, B (shared across layers when ``tied``), u_l, v_l is trained or frozen; :data:`PRESETS` names the
-flag sets of the paper's Table 1 (Renduchintala et al., arXiv 2311.09578 v2). Everything that can be checked
-without the model's shape is checked once, in :meth:`TiedLoraConfig.__post_init__`; the shape-dependent checks
-live in :meth:`TiedLoraConfig.validate_for_model`.
+The update (docs/design.md section 1) for layer l is ``z = W_l x + s * v_l ⊙ (B (u_l ⊙ (A x)))`` with
+``s = alpha / r``. Each of A, B (shared across layers when ``tied``), u_l, v_l is trained or frozen; :data:`PRESETS`
+names the flag sets of the paper's Table 1 (Renduchintala et al., arXiv 2311.09578 v2). Everything that can be checked
+without the model's shape is checked once, in :meth:`TiedLoraConfig.__post_init__`; the shape-dependent checks live in
+:meth:`TiedLoraConfig.validate_for_model`.
 
 Plain Python only: this module imports neither torch, NeMo nor Megatron.
 """

@@ -43,7 +43,8 @@ REPLICA_TAG = "tiedlora_replica"
 REPLICATED_MODEL_WIDE = "model"  # one logical tensor for the whole model: sum grads over TP, PP and VPP chunks
 REPLICATED_IN_LAYER = "layer"  # belongs to one layer: sum grads over TP only
 # Set on A and u (tied or not): applied before the TP region, so without sequence parallelism their gradients are
-# already complete on every TP rank (nemo/grad_sync.py skips their TP sum); with it they are partial over sequence shards.
+# already complete on every TP rank (nemo/grad_sync.py skips their TP sum); with it they are partial over sequence
+# shards.
 BEFORE_TP_REGION_TAG = "tiedlora_before_tp_region"
 
 
@@ -124,7 +125,7 @@ class LayerFactors(nn.Module):
         the tensor-parallel group shares and that does not depend on the parallel layout, e.g. megatron's
         data-parallel RNG tracker state. `sequence_shard=(k, n)`: x is sequence shard k of n (sequence
         parallelism); the mask of the whole sequence is drawn and rows k*s .. (k+1)*s kept
-        (`fused.sequence_keep_mask`). Without sequence parallelism every TP rank draws the same whole mask.
+        (`autograd.sequence_keep_mask`). Without sequence parallelism every TP rank draws the same whole mask.
         """
         self.sequence_shard = sequence_shard
         self.mask_rng = rng

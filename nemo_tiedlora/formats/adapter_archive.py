@@ -3,13 +3,13 @@
 A Tied-LoRA adapter `.nemo` is a tar archive holding
 - `tiedlora.json`: format version, scheme, the resolved config (flags, rank, alpha, inits, seeds), the base model's
   shape fingerprint and the tensor index (name, shape, dtype) of the payload;
-- `adapter.safetensors`: A and B once (tied) and u_l, v_l (and untied A_l, B_l) by 1-based *global* layer, keyed
-  as `nemo_tiedlora.formats.adapter_keys` defines (the one owner of the key format); frozen random factors are stored too;
+- `adapter.safetensors`: A and B once (tied) and u_l, v_l (and untied A_l, B_l) by 1-based *global* layer, keyed as
+  `nemo_tiedlora.formats.adapter_keys` defines (the one owner of the key format); frozen random factors are stored too;
 - `model_config.yaml`: the NeMo model config of the run (with its `peft` section), for NeMo tools.
 
-No tokenizer, no optimizer state: the file is the raw tensor bytes plus a few KB. Writes go to a temporary file in
-the target folder and are renamed at the end (`fileio.atomic_output`), so a failed or killed save never leaves a
-half-written archive. Core layer: pure python + torch (+ safetensors); the NeMo glue is in
+No tokenizer, no optimizer state: the file is the raw tensor bytes plus a few KB. Writes go to a temporary file in the
+target folder and are renamed at the end (`fileio.atomic_output`), so a failed or killed save never leaves a
+half-written archive. Formats layer: pure Python + torch (+ safetensors); the NeMo glue is in
 `nemo_tiedlora.nemo.adapter_io`.
 """
 
@@ -92,7 +92,8 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
 
 def check_base_shape(adapter_shape: Mapping[str, int], base_shape: Mapping[str, int]) -> None:
     """Refuse an adapter made for a base of another shape, naming both shapes."""
-    differs = {k: (adapter_shape.get(k), base_shape.get(k)) for k in SHAPE_KEYS if adapter_shape.get(k) != base_shape.get(k)}
+    differs = {k: (adapter_shape.get(k), base_shape.get(k)) for k in SHAPE_KEYS
+               if adapter_shape.get(k) != base_shape.get(k)}
     if differs:
         raise TiedLoraCheckpointError(
             f"the adapter was trained for a base of shape {_shape_text(adapter_shape)} but this base has shape "
@@ -127,7 +128,8 @@ def save_archive(
         "scheme": "tiedlora",
         "config": config.to_dict(),
         "base_shape": {k: int(shape[k]) for k in SHAPE_KEYS},
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in sorted(tensors.items())},
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in sorted(tensors.items())},
         **(dict(extra_meta) if extra_meta else {}),
     }
     members = [(META_NAME, json.dumps(meta, indent=2).encode()), (WEIGHTS_NAME, payload)]

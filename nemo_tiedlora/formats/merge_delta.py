@@ -1,6 +1,7 @@
 """The adapter's per-layer factors and their merge into a base (formats layer: pure torch, no NeMo or Megatron import).
 
-The logical adapter state (its keys: ``formats.adapter_keys``) read as per-layer factors. Every configuration is a per-layer rank-r LoRA on the fused QKV linear,
+The logical adapter state (its keys: ``formats.adapter_keys``) read as per-layer factors. Every configuration is a
+per-layer rank-r LoRA on the fused QKV linear,
 
     A_l = diag(u_l) A   [r, d]        B_l = s * diag(v_l) B   [out, r]        (s = alpha / r folded into B_l)
 
@@ -20,7 +21,8 @@ from torch import Tensor
 from nemo_tiedlora.core.config import TiedLoraConfig
 from nemo_tiedlora.core.errors import TiedLoraCheckpointError
 from nemo_tiedlora.core.functional import per_layer_lora_factors
-from nemo_tiedlora.formats.adapter_keys import LAYER_FACTORS, SHARED_FACTORS, factor_of, layer_key, layers_of, parse_layer_key
+from nemo_tiedlora.formats.adapter_keys import (LAYER_FACTORS, SHARED_FACTORS, factor_of, layer_key, layers_of,
+                                                parse_layer_key)
 from nemo_tiedlora.formats.reshard import QKV_WEIGHT, decoder_key
 
 # Per-layer LoRA factors --------------------------------------------------------------------------------------
@@ -62,7 +64,7 @@ def per_layer_lora(state: Mapping[str, Tensor], cfg: TiedLoraConfig, *,
     ``A_l = diag(u_l) A``, ``B_l = s diag(v_l) B`` with ``s = cfg.scale``, computed in float32 and returned in the
     state's dtype. With ``check`` (for a state from anywhere) every missing, unknown or misshapen key is reported in
     one :class:`TiedLoraCheckpointError`; ``check=False`` for the tensors of a loaded archive, which
-    ``checkpoint.load_archive`` validated against the config and the base shape already.
+    ``formats.adapter_archive.load_archive`` validated against the config and the base shape already.
     """
     tied, r = cfg.flags.tied, cfg.rank
     layers = _check_layer_state(state, cfg) if check else layers_of(state)

@@ -1,4 +1,4 @@
-"""Megatron GPT state dicts between model-parallel layouts (core layer: pure torch, no NeMo or Megatron import).
+"""Megatron GPT state dicts between model-parallel layouts (formats layer: pure torch, no NeMo or Megatron import).
 
 A :class:`Layout` is TP, PP and the decoder layers on each pipeline stage (:func:`layout_for` gives Megatron's).
 :func:`unshard` joins per-rank state dicts into one TP1/PP1 state dict (``model.decoder.layers.<global layer>...``)
@@ -93,7 +93,8 @@ def layout_for(cfg: Any, tp: int, pp: int, *, first_stage_layers: Optional[int] 
 
 def source_layout(cfg: Any) -> Layout:
     """The layout a model config records (its TP, PP and first/last stage layer counts)."""
-    return layout_for(cfg, int(cfg.get("tensor_model_parallel_size", 1)), int(cfg.get("pipeline_model_parallel_size", 1)))
+    return layout_for(cfg, int(cfg.get("tensor_model_parallel_size", 1)),
+                      int(cfg.get("pipeline_model_parallel_size", 1)))
 
 
 def layout_settings(layout: Layout) -> dict[str, Optional[int]]:

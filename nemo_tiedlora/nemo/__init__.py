@@ -1,11 +1,12 @@
-"""The NeMo glue layer: everything that imports NeMo or megatron-core (above the pure-torch core, below the tools).
+"""The NeMo glue layer: everything that imports NeMo or megatron-core.
 
-Modules, by job:
+It sits above the pure-torch core and formats and below the tools. Modules, by job:
 
 - `peft`: registration, the `tiedlora` PEFT config class and its ``PEFT_CONFIG_MAP`` entry;
-- `adapters`: Tied-LoRA presented as NeMo adapter modules; `walk`: finding them in a model;
+- `adapters`: Tied-LoRA presented as NeMo adapter modules; `find_adapters`: finding them in a model;
 - `injection`: wrapping ``linear_qkv`` in front of NeMo's ``add_adapter``; `grad_hooks`: the adapter's gradient
-  sums in NeMo's step; `adapter_io` / `state` / `summary`: save, load, gather and count the adapter;
+  sums in NeMo's step; `grad_sync` / `replica_check`: those sums and the bitwise check of the replicas;
+  `adapter_io` / `adapter_state` / `summary`: save, load, gather and count the adapter;
 - `compat`: THE table of every runtime replacement of a NeMo / megatron-core / torch function (fixes and the
   hooks above), `launch`: process groups and relaunch, `logs`: what the user reads.
 

@@ -149,8 +149,8 @@ class TiedLoraShared(nn.Module, AdapterModuleMixin):
 class TiedLoraQKV(nn.Module, AdapterModuleMixin):
     """`linear_qkv` with the Tied-LoRA update added: returns `(out + update, bias)` like the wrapped module.
 
-    The update runs as the fused functions of `nemo_tiedlora.core.autograd` (rank-sized saved state) on every path. A and
-    u are applied to this rank's own input, *before* the tensor-parallel region, so what crosses ranks is
+    The update runs as the fused functions of `nemo_tiedlora.core.autograd` (rank-sized saved state) on every path. A
+    and u are applied to this rank's own input, *before* the tensor-parallel region, so what crosses ranks is
     g = u * (A x) [tokens, r], never the [tokens, d] input (docs/design.md section 5):
 
     - TP = 1: no region; the one-piece fused function.

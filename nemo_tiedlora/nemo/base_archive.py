@@ -8,12 +8,13 @@ NeMo writes two kinds of `.nemo` for Megatron GPT models:
   ``mp_rank_XX/model_weights.ckpt`` at PP1, ``tp_rank_XX_pp_rank_XXX/model_weights.ckpt`` otherwise), written by
   older NeMo releases and by many converted checkpoints. NeMo loads it only at exactly the TP/PP it was saved at.
 
-:func:`read_base` turns either into one TP1/PP1 state dict (a distributed one through NeMo's own restore, a legacy
-one from its memory-mapped shards, joined by ``nemo_tiedlora.formats.reshard``); :func:`write_legacy` writes
-such a state dict at any TP/PP as a legacy archive and :func:`write_dist` as a distributed one (NeMo restores its TP1 legacy copy and saves it, ``nemo.cpu_restore``). Every output is checked by
-``fileio.check_output`` (one :class:`~nemo_tiedlora.core.fileio.OutputExistsError`) and written through
-``fileio.atomic_output``. Errors: an unreadable or incomplete archive is a ``TiedLoraCheckpointError``, an
-impossible layout or unknown format a ``TiedLoraConfigError``.
+:func:`read_base` turns either into one TP1/PP1 state dict (a distributed one through NeMo's own restore, a legacy one
+from its memory-mapped shards, joined by ``nemo_tiedlora.formats.reshard``); :func:`write_legacy` writes such a state
+dict at any TP/PP as a legacy archive and :func:`write_dist` as a distributed one (NeMo restores its TP1 legacy copy and
+saves it, ``nemo.cpu_restore``). Every output is checked by ``fileio.check_output`` (one
+:class:`~nemo_tiedlora.core.fileio.OutputExistsError`) and written through ``fileio.atomic_output``. Errors: an
+unreadable or incomplete archive is a ``TiedLoraCheckpointError``, an impossible layout or unknown format a
+``TiedLoraConfigError``.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ In fp16 (``trainer.precision=16``) NeMo multiplies the loss by a scale (nlp_over
 reduction, ``nemo_tiedlora.nemo.grad_hooks``) are the scaled ones, so a NaN/Inf there is usually the scaler's normal
 overflow: after the closure the scaler unscales, finds it, skips ``optimizer.step`` and lowers the scale. The rule:
 
-- fp16 with an enabled scaler: an overflow is left to the scaler (the step is skipped, the scale lowered, the run
-  goes on); the run stops with one line (``TiedLoraGradientError``) only for what the scaler cannot fix:
+- fp16 with an enabled scaler: an overflow is left to the scaler (the step is skipped, the scale lowered, the run goes
+  on); the run stops with one line (``TiedLoraGradientError``) only for what the scaler cannot fix:
   ``fp16_max_skipped_steps`` optimizer steps skipped in a row, or an overflow while the loss scale is already at or
-  below ``fp16_min_loss_scale`` (keys of ``model.peft.tiedlora_tuning``, ``nemo_tiedlora.core.config.LossScalingGuard``);
+  below ``fp16_min_loss_scale`` (keys of ``model.peft.tiedlora_tuning``,
+  ``nemo_tiedlora.core.config.LossScalingGuard``);
 - bf16, fp32, or fp16 without a scaler (NeMo's PEFT trainer builder disables it at PP > 1): a non-finite gradient
   stops the run at once (``nemo_tiedlora.core.anomaly.check_finite_grads``).
 

@@ -2,10 +2,10 @@
 
 NeMo's scripts do ``model.add_adapter(PEFT_CONFIG_MAP[scheme](model_cfg))`` to train and
 ``model.load_adapters(path, peft_cfg)`` to restore. `register()` puts `TiedLoraPEFTConfig` in that map; it runs as
-soon as ``nemo.collections.nlp.parts.peft_config`` is imported (``nemo_tiedlora._autoregister``), and needs nothing
-of NeMo beyond that module. What the config does to a model lives beside it: `injection` (wrapping `linear_qkv`),
-`grad_hooks` (the adapter's gradient sums in NeMo's step), `walk` (finding the adapters), `adapter_io` (save/load);
-every runtime replacement of a NeMo function they make is declared in `nemo_tiedlora.nemo.compat`.
+soon as ``nemo.collections.nlp.parts.peft_config`` is imported (``nemo_tiedlora._autoregister``), and needs nothing of
+NeMo beyond that module. What the config does to a model lives beside it: `injection` (wrapping `linear_qkv`),
+`grad_hooks` (the adapter's gradient sums in NeMo's step), `find_adapters` (finding the adapters), `adapter_io`
+(save/load); every runtime replacement of a NeMo function they make is declared in `nemo_tiedlora.nemo.compat`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def check_parallel_layout(cfg: Any, shape: dict[str, int]) -> None:
     if groups % tp:
         raise TiedLoraConfigError(
             f"tensor_model_parallel_size={tp} does not divide num_query_groups={groups}: tensor parallelism splits "
-            f"linear_qkv by whole query groups; choose a TP size among {[n for n in range(1, groups + 1) if groups % n == 0]}"
+            f"linear_qkv by whole query groups; choose a TP size among "
+            f"{[n for n in range(1, groups + 1) if groups % n == 0]}"
         )
     if pp > layers:
         raise TiedLoraConfigError(

@@ -65,7 +65,8 @@ def parameter_table(model: Any, peft_cfg: Any) -> dict[str, Any]:
         rank=cfg.rank,
     )
     counts = instantiated_counts(model)
-    return {"instantiated": counts, "closed_form": closed, "lora": lora, "percent_of_lora": 100.0 * counts["total"] / lora}
+    return {"instantiated": counts, "closed_form": closed, "lora": lora,
+            "percent_of_lora": 100.0 * counts["total"] / lora}
 
 
 def _is_rank0() -> bool:

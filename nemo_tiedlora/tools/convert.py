@@ -1,8 +1,8 @@
 """``convert``: a base GPT `.nemo` to another TP/PP layout or checkpoint format, on CPU, one process (tools layer).
 
 Either format at any TP/PP is read into one TP1/PP1 state dict (``nemo.base_archive.read_base``) and written as a
-distributed checkpoint (loads at any TP/PP, the layout recorded in its config) or as legacy per-rank state dicts of
-the target layout (``nemo_tiedlora.formats.reshard`` holds the split rules). A distributed source into a distributed output
+distributed checkpoint (loads at any TP/PP, the layout recorded in its config) or as legacy per-rank state dicts of the
+target layout (``nemo_tiedlora.formats.reshard`` holds the split rules). A distributed source into a distributed output
 is restored once and saved again by NeMo with the new layout recorded.
 """
 

@@ -1,11 +1,13 @@
 """``export``: an adapter as plain per-layer LoRA, for serving stacks (tools layer; CPU, one process).
 
-- :func:`export_hf_peft`: Hugging Face PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) and,
-  with ``base_out``, the base as a HF ``LlamaForCausalLM`` checkpoint (the pure mapping: ``nemo_tiedlora.formats.hf.nemo_to_hf``)
-  with the tokenizer files the base carries (what vLLM or transformers load with it);
+- :func:`export_hf_peft`: Hugging Face PEFT LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) and, with
+  ``base_out``, the base as a HF ``LlamaForCausalLM`` checkpoint (the pure mapping:
+  ``nemo_tiedlora.formats.hf.nemo_to_hf``) with the tokenizer files the base carries (what vLLM or transformers load
+  with it);
 - :func:`export_nemo_lora`: NeMo's own ``lora`` adapter ``.nemo``, written by NeMo.
 
-The adapter archive is read and validated once (``checkpoint.load_archive``) and checked against the base's shape.
+The adapter archive is read and validated once (``formats.adapter_archive.load_archive``) and checked against the base's
+shape.
 """
 
 from __future__ import annotations

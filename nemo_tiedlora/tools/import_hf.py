@@ -1,9 +1,9 @@
 """``import-hf``: a Hugging Face Llama-family checkpoint (folder or .gguf) -> a self-contained base ``.nemo``
 (tools layer).
 
-The checkpoint is read by ``nemo_tiedlora.formats.hf.source`` and mapped by ``nemo_tiedlora.formats.hf.llama_to_nemo`` (both pure), its
-NeMo config assembled by ``nemo.hf_base_config`` (tokenizer inside the archive) and the archive written by
-``nemo.base_archive``: legacy per-rank, or NeMo's distributed checkpoint, at any TP/PP, through a temporary name.
+The checkpoint is read by ``nemo_tiedlora.formats.hf.source`` and mapped by ``nemo_tiedlora.formats.hf.llama_to_nemo``
+(both pure), its NeMo config assembled by ``nemo.hf_base_config`` (tokenizer inside the archive) and the archive written
+by ``nemo.base_archive``: legacy per-rank, or NeMo's distributed checkpoint, at any TP/PP, through a temporary name.
 """
 
 from __future__ import annotations

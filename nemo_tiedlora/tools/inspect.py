@@ -1,4 +1,4 @@
-"""``inspect``: what an adapter archive holds, without NeMo (tools layer; imports the core only).
+"""``inspect``: what an adapter archive holds, without NeMo (tools layer; imports the core and the formats only).
 
 Scheme, flags, rank, alpha, seed, the base shape, trainable and stored parameter counts, file and tensor bytes, the
 per-layer norms of u_l and v_l, and the tensors holding NaN/Inf (shown, not refused: merge, export and loading
@@ -58,5 +58,6 @@ def format_inspect(report: dict[str, Any]) -> str:
     ]
     lines += [f"  {n:>5}   {norms['u']:<10.4f} {norms['v']:.4f}" for n, norms in report["layer_norms"].items()]
     if report.get("non_finite"):
-        lines.append(f"  NON-FINITE (NaN/Inf) tensors: {report['non_finite']}: merge, export and loading refuse this file")
+        lines.append(f"  NON-FINITE (NaN/Inf) tensors: {report['non_finite']}: merge, export and loading refuse "
+                     "this file")
     return "\n".join(lines)

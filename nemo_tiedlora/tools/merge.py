@@ -1,10 +1,10 @@
 """``merge``: an adapter into its base, a standard `.nemo` (tools layer; CPU, one process).
 
-W_l' = W_l + (alpha/r) diag(v_l) B diag(u_l) A for every adapted layer (``nemo_tiedlora.formats.merge_delta``). The adapter
-archive is read and validated once (``checkpoint.load_archive``). A distributed-checkpoint base merged into a
-distributed-checkpoint output is restored once (one copy of its weights in memory), updated in place layer by
-layer and saved by NeMo (loadable at any TP/PP). Legacy per-rank bases (any TP/PP) and legacy outputs go through
-the TP1 state dict of ``nemo.base_archive.read_base`` (memory-mapped shards, one output rank at a time).
+W_l' = W_l + (alpha/r) diag(v_l) B diag(u_l) A for every adapted layer (``nemo_tiedlora.formats.merge_delta``). The
+adapter archive is read and validated once (``formats.adapter_archive.load_archive``). A distributed-checkpoint base
+merged into a distributed-checkpoint output is restored once (one copy of its weights in memory), updated in place layer
+by layer and saved by NeMo (loadable at any TP/PP). Legacy per-rank bases (any TP/PP) and legacy outputs go through the
+TP1 state dict of ``nemo.base_archive.read_base`` (memory-mapped shards, one output rank at a time).
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def build_base_model(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m nemo_tiedlora.apps.demo.base_model --out base.nemo --corpus C --tokenizer T`: build (or reuse) the base.
+    """`python -m nemo_tiedlora.apps.demo.base_model --out base.nemo --corpus C --tokenizer T`: build (or reuse) the
+    base.
 
     The demo runs this in its own process, like every NeMo step, so the orchestrating process never holds NeMo's
     process groups or threads while the entry scripts run.

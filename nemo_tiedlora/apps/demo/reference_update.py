@@ -4,8 +4,8 @@ fused one (applications layer; for measurements only, not a user option).
     python -m nemo_tiedlora.apps.demo.reference_update SCRIPT [hydra overrides ...]
 
 Every Tied-LoRA layer then computes its update with :func:`nemo_tiedlora.core.functional.tied_lora_update` (plain torch
-ops, autograd's own backward) instead of :func:`nemo_tiedlora.core.autograd.fused_tied_lora_update`. The two are equal within
-float rounding; running the same recipe both ways shows how much a result depends on rounding. Dropout is applied
+ops, autograd's own backward) instead of :func:`nemo_tiedlora.core.autograd.fused_tied_lora_update`. The two are equal
+within float rounding; running the same recipe both ways shows how much a result depends on rounding. Dropout is applied
 with the layer's own keep mask; tensor-parallel regions are refused (the demo runs on one process).
 """
 

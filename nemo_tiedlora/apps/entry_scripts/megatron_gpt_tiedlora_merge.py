@@ -6,8 +6,8 @@
 W_l' = W_l + (alpha/r) diag(v_l) B diag(u_l) A in every adapted layer. `base` may be a distributed or a legacy
 per-rank checkpoint at any TP/PP; `format=dist` (default) loads at any TP/PP, `format=legacy` at exactly tp/pp.
 
-From an installed wheel: `python -m nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge ...` (the same arguments);
-the YAML is `conf/megatron_gpt_tiedlora_merge_config.yaml` next to this file.
+From an installed wheel: `python -m nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge ...` (the same
+arguments); the YAML is `conf/megatron_gpt_tiedlora_merge_config.yaml` next to this file.
 """
 
 from nemo.core.config import hydra_runner

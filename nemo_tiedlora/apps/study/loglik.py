@@ -67,7 +67,8 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], data_cfg: A
     dataset = GPTSFTDataset(
         file_path=str(file), tokenizer=tokenizer, max_seq_length=int(data_cfg.max_seq_length), min_seq_length=1,
         add_bos=bool(data_cfg.get("add_bos", False)), add_eos=False, add_sep=bool(data_cfg.get("add_sep", False)),
-        label_key="output", truncation_field="input", prompt_template=data_cfg.get("prompt_template", "{input} {output}"),
+        label_key="output", truncation_field="input",
+        prompt_template=data_cfg.get("prompt_template", "{input} {output}"),
         memmap_workers=1, index_mapping_dir=str(workdir), truncation_method=data_cfg.get("truncation_method", "right"),
     )
     items = []
@@ -111,7 +112,8 @@ def score(*, base: Path, adapter: Optional[Path], task: str, data: Path, split: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nemo_tiedlora.apps.study.loglik", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nemo_tiedlora.apps.study.loglik",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="base .nemo")
     parser.add_argument("--adapter", help="adapter .nemo (none: the base alone)")
     parser.add_argument("--task", default="hellaswag")

@@ -120,8 +120,8 @@ def trainable_params(shape: Mapping[str, int], preset: str, rank: int) -> int:
 
 
 def base_shape(base: Path) -> dict[str, int]:
-    """The shape of a base .nemo (:func:`nemo_tiedlora.core.model_shape.model_shape` of its ``model_config.yaml``; the archive
-    reader imports no NeMo)."""
+    """The shape of a base .nemo (:func:`nemo_tiedlora.core.model_shape.model_shape` of its ``model_config.yaml``; the
+    archive reader imports no NeMo)."""
     from nemo_tiedlora.nemo.base_archive import base_config
     from nemo_tiedlora.core.model_shape import model_shape
 
@@ -256,7 +256,8 @@ def reusable_reruns(previous: Iterable[Mapping[str, Any]], fp: str) -> list[Mapp
 
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
     """A plain-text table of the rows: preset, rank, lr, metric, params, % of best LoRA, steps, status."""
-    header = ["task", "preset", "rank", "lr", "seed", "metric", "params", "% best lora", "steps", "early stop", "status"]
+    header = ["task", "preset", "rank", "lr", "seed", "metric", "params", "% best lora", "steps", "early stop",
+              "status"]
     lines = []
     for row in rows:
         metric, percent = _finite(row.get("metric")), _finite(row.get("percent_of_best_lora"))

@@ -1,8 +1,8 @@
 """Hugging Face Llama-family checkpoint -> NeMo 1.x megatron-core GPT: config and state dict (pure; no NeMo import).
 
-The inverse of ``nemo_tiedlora.formats.hf.nemo_to_hf.nemo_gpt_to_hf_llama`` (see its module docstring for why the conventions
-agree: RoPE rotating halves, RMSNorm, softmax scale, SwiGLU). Per decoder layer i, with np heads, ng query groups
-(``num_key_value_heads``) and head_dim hn:
+The inverse of ``nemo_tiedlora.formats.hf.nemo_to_hf.nemo_gpt_to_hf_llama`` (see its module docstring for why the
+conventions agree: RoPE rotating halves, RMSNorm, softmax scale, SwiGLU). Per decoder layer i, with np heads, ng query
+groups (``num_key_value_heads``) and head_dim hn:
 
     input_layernorm.weight                 <- model.layers.i.input_layernorm.weight                  [d]
     self_attention.linear_qkv.weight       <- fuse_qkv(q_proj, k_proj, v_proj)   [ng (np/ng + 2) hn, d]

@@ -1,6 +1,6 @@
 """Export to Hugging Face: a Tied-LoRA adapter as plain per-layer LoRA (PEFT format), the base as LlamaForCausalLM.
 
-Core layer: pure state-dict transforms plus atomic file writers (``fileio``); no NeMo or Megatron import (the
+Formats layer: pure state-dict transforms plus atomic file writers (``fileio``); no NeMo or Megatron import (the
 ``export`` tool in ``nemo_tiedlora.tools.export`` reads the archives and calls these). The inverse direction, a HF
 checkpoint into NeMo, is ``nemo_tiedlora.formats.hf.llama_to_nemo``.
 
@@ -64,10 +64,10 @@ def hf_peft_adapter(
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(``adapter_config.json`` contents, tensors) of the adapter as HF PEFT LoRA for ``LlamaForCausalLM``.
 
-    ``shape`` is ``nemo_tiedlora.core.model_shape.model_shape(model_cfg)`` (hidden_size, num_layers, num_attention_heads,
-    num_query_groups, kv_channels, out_features). Layer n becomes HF layer ``n - 1``; only adapted layers
-    (``cfg.layer_selection``) appear, and PEFT is told so with ``layers_to_transform``. Per layer,
-    ``lora_A`` of q/k/v is ``A_l`` and ``lora_B`` of q/k/v are the de-interleaved rows of ``B_l``; ``lora_alpha = r``
+    ``shape`` is ``nemo_tiedlora.core.model_shape.model_shape(model_cfg)`` (hidden_size, num_layers,
+    num_attention_heads, num_query_groups, kv_channels, out_features). Layer n becomes HF layer ``n - 1``; only adapted
+    layers (``cfg.layer_selection``) appear, and PEFT is told so with ``layers_to_transform``. Per layer, ``lora_A`` of
+    q/k/v is ``A_l`` and ``lora_B`` of q/k/v are the de-interleaved rows of ``B_l``; ``lora_alpha = r``
     because ``s`` is folded into ``B_l``. Every tensor owns its storage (safetensors refuses shared ones).
     ``check=False``: the state is a loaded archive's, validated already (see ``merge.per_layer_lora``).
     """

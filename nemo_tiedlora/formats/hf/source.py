@@ -157,8 +157,8 @@ def _open_gguf(file: Path) -> HFSource:
 
 def _gguf_byte_level_tokenizer(loaded: Any, pre: Any, file: Path) -> Any:
     """The GGUF's byte-level BPE as a ``PreTrainedTokenizerFast`` with llama.cpp's pre-tokenizer for ``pre``
-    (``nemo_tiedlora.formats.hf.tokenizer``): the special tokens, BOS/EOS flags (in the post-processor) and chat template
-    of ``loaded``, no clean-up of spaces when decoding (llama.cpp does none)."""
+    (``nemo_tiedlora.formats.hf.tokenizer``): the special tokens, BOS/EOS flags (in the post-processor) and chat
+    template of ``loaded``, no clean-up of spaces when decoding (llama.cpp does none)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 

@@ -1,4 +1,4 @@
-"""Hugging Face tokenizer files that every ``transformers`` release reads the same way (core layer: JSON only).
+"""Hugging Face tokenizer files that every ``transformers`` release reads the same way (formats layer: JSON only).
 
 A fast tokenizer is two files that can disagree: ``tokenizer.json`` (the whole pipeline: normalizer, pre-tokenizer,
 model, post-processor, decoder) and ``tokenizer_config.json``, whose ``tokenizer_class`` names the Python class

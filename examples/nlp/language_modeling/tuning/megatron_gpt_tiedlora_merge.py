@@ -1,11 +1,13 @@
 """Merge a Tied-LoRA adapter into its base .nemo, NeMo-style (CPU, one process; the CLI's `merge` underneath).
 
-The script ships in the package: this file runs ``nemo_tiedlora/apps/entry_scripts/megatron_gpt_tiedlora_merge.py`` (an installed wheel runs
-the same as ``python -m nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge``), with the YAML in ``conf/`` here (a link to the package's
-``nemo_tiedlora/apps/entry_scripts/conf``). Usage and arguments: see that module.
+The script ships in the package: this file runs ``nemo_tiedlora/apps/entry_scripts/megatron_gpt_tiedlora_merge.py`` (an
+installed wheel runs the same as ``python -m nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge``), with the
+YAML in ``conf/`` here (a link to the package's ``nemo_tiedlora/apps/entry_scripts/conf``). Usage and arguments: see
+that module.
 """
 
 import runpy
 
 if __name__ == "__main__":
-    runpy.run_module("nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge", run_name="__main__", alter_sys=True)
+    runpy.run_module("nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge", run_name="__main__",
+                     alter_sys=True)
