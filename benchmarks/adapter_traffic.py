@@ -7,8 +7,8 @@ tl6 adapter, one forward + backward of one micro-batch. megatron's mapping helpe
 `_gather_along_first_dim`, `_reduce_scatter_along_first_dim`: what copy-to-TP-region and the sequence-parallel
 gather call) are wrapped to count every collective with its tensor's elements and bytes. Three runs:
 - base: the linear alone (its own collectives do not go through these helpers: 0 expected);
-- before: the previous code path, x entering the TP region (`copy_to_tensor_model_parallel_region(x)` /
-  `gather_from_sequence_parallel_region(x)`) then the plain composition on this rank's rows;
+- before: the input x itself entering the TP region (`copy_to_tensor_model_parallel_region(x)` /
+  `gather_from_sequence_parallel_region(x)`) then the plain composition on this rank's rows, for comparison;
 - after: TiedLoraQKV as shipped (g = u * (A x) enters the region).
 The adapter's traffic is each run's calls minus the base's. Rank 0 writes the counts (JSON) to --out.
 `benchmarks/parallel_overhead.py` runs it and reports the traffic.

@@ -92,10 +92,12 @@ def one_run(*, base: Path, data, work: Path, settings: DemoSettings, threads: st
     cpu_done = _children_cpu()
     losses = _scalars(folder / "runs")
     return {"preset": settings.preset, "seed": settings.seed, "threads": threads, "update": settings.update,
-            "adapted_exact_match": exact, "final_train_loss": losses["train_loss"][-1] if losses["train_loss"] else None,
+            "adapted_exact_match": exact,
+            "final_train_loss": losses["train_loss"][-1] if losses["train_loss"] else None,
             "val_loss": losses["val_loss"], "train_loss": losses["train_loss"],
             "finetune_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1),
-            "finetune_cpu_seconds": round(cpu_trained - cpu_start, 1), "evaluate_cpu_seconds": round(cpu_done - cpu_trained, 1)}
+            "finetune_cpu_seconds": round(cpu_trained - cpu_start, 1),
+            "evaluate_cpu_seconds": round(cpu_done - cpu_trained, 1)}
 
 
 def _children_cpu() -> float:

@@ -66,7 +66,8 @@ def main() -> None:
                      "reduction_calls_per_step": per_step["calls"], "reduction_share": per_step["seconds"] / step})
     device = "gpu" if args.accelerator == "gpu" else "cpu"
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": __import__("os").cpu_count(), "torch": torch.__version__, "backend": "nccl" if device == "gpu" else "gloo",
+               "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
+               "backend": "nccl" if device == "gpu" else "gloo",
                "model": "tiny Llama-style GPT, 4 layers, d=128, GQA 4 heads/2 groups, tl6 rank 4, fp32"}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"parallel_overhead_{device}.json").write_text(
@@ -78,8 +79,8 @@ def main() -> None:
         lines.append(f"| {row['config']} | {row['processes']} | {row['median_step_s']:.4f} | "
                      f"{row['reduction_bytes_per_step']:,.0f} | {row['reduction_s_per_step']:.5f} | "
                      f"{100 * row['reduction_share']:.2f}% |")
-    lines += ["", "The reductions at TP2 sum B's and v's gradients over TP (partial by rows); A's and u's only with sequence "
-              "parallelism (without it they are complete on every TP rank). PP2 sums A and B over the stages."]
+    lines += ["", "The reductions at TP2 sum B's and v's gradients over TP (partial by rows); A's and u's only with "
+              "sequence parallelism (without it they are complete on every TP rank). PP2 sums A and B over the stages."]
     lines += _traffic_markdown(traffic)
     (Path(args.out) / f"parallel_overhead_{device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -173,10 +173,11 @@ def markdown(report: dict) -> str:
     lines = ["# Tied-LoRA step time at SmolLM2-135M's shape (CPU)", "",
              f"Machine: {report['machine']}",
              f"Model: megatron-core GPTModel, local spec, {report['shape']}, random weights; batch 1 x {report['seq']} "
-             f"tokens; rank {report['rank']}; forward + backward (+ Adam on the adapter); {report['cycles']} cycles, each "
-             "one step of every configuration in turn (after one warm-up step each); step = median over cycles; "
+             f"tokens; rank {report['rank']}; forward + backward (+ Adam on the adapter); {report['cycles']} cycles, "
+             "each one step of every configuration in turn (after one warm-up step each); step = median over cycles; "
              "x lora / x frozen base = median over cycles of the ratio within the cycle (paired).", "",
-             "| config | step (s) | every cycle (s) | x lora | x frozen base | trainable |", "|---|---|---|---|---|---|"]
+             "| config | step (s) | every cycle (s) | x lora | x frozen base | trainable |",
+             "|---|---|---|---|---|---|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {row['step_s']:.3f} | {' / '.join(f'{t:.3f}' for t in row['rounds_s'])} | "
                      f"{row['x_lora']:.3f} | {row['x_base']:.3f} | {row['trainable']:,} |")

@@ -27,7 +27,8 @@ SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
 SHIM=$SITE/.bin
 mkdir -p "$OUT"
 log=$OUT/install.log
-ls .whl/*.whl > /dev/null 2>&1 || { echo "gpu_check: no .whl/*.whl: run bash scripts/gpu_wheels.sh here and carry .whl" >&2; exit 2; }
+ls .whl/*.whl > /dev/null 2>&1 || {
+  echo "gpu_check: no .whl/*.whl: run bash scripts/gpu_wheels.sh here and carry .whl" >&2; exit 2; }
 {
   echo "[install] $(ls .whl/*.whl | wc -l) wheels into $SITE (python3: $(command -v python3))"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
@@ -43,7 +44,9 @@ ls .whl/*.whl > /dev/null 2>&1 || { echo "gpu_check: no .whl/*.whl: run bash scr
   command -v make > /dev/null || printf '#!/bin/sh\nexit 0\n' > "$SHIM/make"
   chmod +x "$SHIM"/*
   PATH=$SHIM:$PATH make -C "$helpers"
-  python3 -c "import importlib.util as u, sys; s = u.spec_from_file_location('helpers', sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m); print('[install] NeMo dataset helper loads:', m.__file__)" "$helpers/helpers$ext"
+  python3 -c "import importlib.util as u, sys
+s = u.spec_from_file_location('helpers', sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m)
+print('[install] NeMo dataset helper loads:', m.__file__)" "$helpers/helpers$ext"
 } > "$log" 2>&1 || { tail -20 "$log"; echo "gpu_check: installing the carried wheels failed (log: $log)" >&2; exit 1; }
 echo "[gpu_check] installed in $(( $(date +%s) - GPU_CHECK_STARTED )) s; running $PARTS"
 export PATH=$SHIM:$PATH PYTHONPATH=$ROOT:$SITE   # the repository first: NeMo's wheel has top-level tests/, scripts/

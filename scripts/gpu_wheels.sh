@@ -15,11 +15,13 @@ PY=${NEMO_TIEDLORA_VENV:-$ROOT/.venv}/bin/python
 find_py312() {  # the first that runs: $PY312, python3.12 on PATH, pyenv's 3.12
   local candidate
   for candidate in ${PY312:-} python3.12 "$(pyenv root 2>/dev/null || echo ~/.pyenv)"/versions/3.12*/bin/python3.12; do
-    "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' > /dev/null 2>&1 && { echo "$candidate"; return; }
+    "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' > /dev/null 2>&1 \
+      && { echo "$candidate"; return; }
   done
 }
 PY312=$(find_py312)
-[ -n "$PY312" ] || { echo "gpu_wheels: no working python3.12 (PATH or pyenv): set PY312=/path/to/python3.12" >&2; exit 2; }
+[ -n "$PY312" ] || {
+  echo "gpu_wheels: no working python3.12 (PATH or pyenv): set PY312=/path/to/python3.12" >&2; exit 2; }
 
 WHL=$ROOT/.whl
 mkdir -p "$WHL/nemo_helpers"
@@ -50,7 +52,8 @@ for spec in "${builds[@]}"; do
 done
 
 # NeMo's helper: the same compile as its Makefile, for Python 3.12 (the sources come with the pinned NeMo).
-helpers=$("$PY" -c "import os, nemo.collections.nlp.data.language_modeling.megatron as m; print(os.path.dirname(m.__file__))")
+helpers=$("$PY" -c \
+  "import os, nemo.collections.nlp.data.language_modeling.megatron as m; print(os.path.dirname(m.__file__))")
 ext=$("$BUILD/venv/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 if [ ! -f "$WHL/nemo_helpers/helpers$ext" ]; then
   g++ -O3 -Wall -shared -std=c++11 -fPIC $("$BUILD/venv/bin/python" -m pybind11 --includes) "$helpers/helpers.cpp" \

@@ -7,7 +7,8 @@ ROOT=$PWD
 VENV=${NEMO_TIEDLORA_VENV:-$ROOT/.venv}
 VLLM_VENV=${NEMO_TIEDLORA_VLLM_VENV:-$ROOT/.venv-vllm}
 export NEMO_TIEDLORA_VLLM_VENV=$VLLM_VENV  # where the tests find vLLM
-STAMP=$VENV/.installed-$(cat requirements/requirements.txt requirements/constraints.txt setup.py | sha256sum | cut -c1-16)
+STAMP=$VENV/.installed-$(cat requirements/requirements.txt requirements/constraints.txt setup.py \
+  | sha256sum | cut -c1-16)
 
 install() {
   [ -f "$STAMP" ] && return 0
@@ -18,7 +19,9 @@ install() {
   "$VENV/bin/python" -m pip install -q --no-deps -e .
   # NeMo's SFT dataset compiles a C++ helper on first use with whatever `python3` is on PATH; build it now, once,
   # with the venv's python (its pybind11), instead of failing later inside a training run.
-  helpers=$("$VENV/bin/python" -c "import os, nemo.collections.nlp.data.language_modeling.megatron as m; print(os.path.dirname(m.__file__))" 2>/dev/null)
+  helpers=$("$VENV/bin/python" -c \
+    "import os, nemo.collections.nlp.data.language_modeling.megatron as m; print(os.path.dirname(m.__file__))" \
+    2>/dev/null)
   PATH="$VENV/bin:$PATH" make -s -C "$helpers" >/dev/null
   touch "$STAMP"
 }
