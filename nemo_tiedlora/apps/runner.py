@@ -1,4 +1,4 @@
-"""Child processes for NeMo's entry scripts and the package's own commands (tools layer), shared by the demo, the
+"""Child processes for NeMo's entry scripts and the package's own commands (applications layer), shared by the demo, the
 study sweep and the benchmark: where the entry scripts are, the environment of a new single-process job, and
 :func:`run_logged`, which runs one child bound to its parent.
 
