@@ -3,9 +3,9 @@
     torchrun --nproc_per_node=N tests/distributed/driver.py --base B --data D --out O.pt --tp 2 --pp 1 ...
 
 Runs the project's finetuning YAML through nemo_tiedlora.nemo.finetune (the code behind the entry script) with a
-callback that records, on global rank 0, the loss and NeMo's clipped gradient norm of every step; at the end it
-gathers the adapter state (A, B once, u/v by global layer), checks that every replica is bitwise identical on all
-ranks, and rank 0 saves everything to --out.
+callback that records, on global rank 0, the loss and NeMo's gradient norm (before clipping at --clip) of every
+step; at the end it gathers the adapter state (A, B once, u/v by global layer), checks that every replica is bitwise
+identical on all ranks, and rank 0 saves everything to --out.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--eps", type=float, default=1e-8,
                         help="Adam's epsilon; with eps >> |grad| Adam is momentum SGD with step lr / eps")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--clip", type=float, default=1.0e9,
+                        help="trainer.gradient_clip_val (default: so large that clipping never changes a step)")
     parser.add_argument("--gbs", type=int, default=8)
     parser.add_argument("--mbs", type=int, default=2)
     parser.add_argument("--preset", default="tl6")
@@ -67,9 +69,9 @@ def main() -> None:
     cfg = tuning_config("finetuning")
     world = int(os.environ.get("WORLD_SIZE", 1))
     with open_dict(cfg):
-        cfg.trainer.update(accelerator=args.accelerator, devices=world, precision=32, max_steps=args.steps, val_check_interval=args.steps,
-                           limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
-                           enable_progress_bar=False, gradient_clip_val=1.0e9)
+        cfg.trainer.update(accelerator=args.accelerator, devices=world, precision=32, max_steps=args.steps,
+                           val_check_interval=args.steps, limit_val_batches=0, num_sanity_val_steps=0,
+                           log_every_n_steps=1, enable_progress_bar=False, gradient_clip_val=args.clip)
         cfg.exp_manager = None
         cfg.model.update(restore_from_path=args.base, tensor_model_parallel_size=args.tp,
                          pipeline_model_parallel_size=args.pp, sequence_parallel=args.sp,

@@ -3,8 +3,13 @@ torchrun + gloo on CPU, real NeMo + megatron-core, the tiny 4-layer GQA base, 5 
 
 Reference: the TP1/PP1 run from the same base weights, data and seed (for the bf16 megatron_amp_O2 runs: the bf16 O2
 TP1/PP1 run, compared at bf16's tolerance). Compared: every step's loss (1e-5 relative),
-NeMo's gradient norm (clipping counts replicated tensors once), the final adapter tensors gathered by logical key
+NeMo's gradient norm where NeMo logs it (the plain optimizer), the final adapter tensors gathered by logical key
 (A, B once; u, v by global layer), and bitwise-identical replicas on all ranks (checked inside each run).
+
+Clipping counts replicated tensors once: the runs of RUNS and their reference clip the gradient norm at CLIP, below
+every step's norm (the reference asserts it), so each update is the gradient scaled by CLIP / norm. A norm that
+counted a replica of A or B twice, or missed one, would scale the update differently and the adapter tensors would
+differ from TP1's; this covers the distributed optimizer (which logs no norm) at DP2, TP2 and PP2 as well.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # rounding-level in the weights. (Adam's own states, the distributed optimizer's sharding and its fp32 main copies
 # are exercised all the same.)
 SGD_LIKE = ["--lr", "3e3", "--eps", "1e4"]
+
+# Below every step's gradient norm of the reference (0.16 to 0.55 on the tiny base), so clipping scales every step.
+CLIP = 0.1
+CLIPPED = ["--clip", str(CLIP)]
 
 RUNS = {
     "tp2": (2, ["--tp", "2"]),
@@ -60,14 +69,17 @@ BF16_ULPS = 2 * 2.0**-7
 
 @pytest.fixture(scope="module")
 def reference(dist_base):
-    return run_driver(dist_base, "tp1", 1, *SGD_LIKE)
+    """The TP1/PP1 run with the gradient norm clipped at CLIP, which is below the norm of every step."""
+    run = run_driver(dist_base, "tp1", 1, *SGD_LIKE, *CLIPPED)
+    assert min(run["grad_norms"]) > CLIP, f"clipping at {CLIP} changes no step: norms {run['grad_norms']}"
+    return run
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_matches_tp1(name, dist_base, reference):
     nproc, args = RUNS[name]
-    run = run_driver(dist_base, name, nproc, *args, *SGD_LIKE)
-    # NeMo logs grad_norm only on the plain-optimizer path
+    run = run_driver(dist_base, name, nproc, *args, *SGD_LIKE, *CLIPPED)
+    # NeMo logs grad_norm only on the plain-optimizer path; the clipped adapter tensors check the norm on both
     assert_equivalent(run, reference, check_grad_norm="distributed_optimizer" not in name)
     assert {"A", "B", "layers.4.u", "layers.4.v"} <= set(run["state"])
 
