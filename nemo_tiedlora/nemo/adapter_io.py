@@ -23,7 +23,7 @@ from nemo_tiedlora.formats.adapter_archive import check_base_shape, is_tiedlora_
 from nemo_tiedlora.core.errors import TiedLoraCheckpointError
 from nemo_tiedlora.formats.adapter_keys import layer_key
 from nemo_tiedlora.core.modules import PARAM_NAMES
-from nemo_tiedlora.nemo.compat.patch import HOOK_MARK, marked, wrap_once
+from nemo_tiedlora.nemo.compat.patch import replace
 from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
 from nemo_tiedlora.nemo.adapter_state import gather_adapter_state
 from nemo_tiedlora.nemo.find_adapters import iter_layer_adapters, iter_shared_adapters
@@ -81,28 +81,27 @@ def wrap_load_adapters(original: Callable) -> Callable:
     """NLPAdapterModelMixin.load_adapters that reads a Tied-LoRA archive itself (any other file: NeMo's)."""
     def load_adapters(self, filepath: str, peft_cfgs: Any = None, map_location: Optional[str] = None):
         if str(filepath).endswith(".nemo") and is_tiedlora_archive(Path(filepath)):
-            return load_adapter(self, filepath)
+            return load_adapter(self, filepath)  # not NeMo's: it reads per-rank adapter state, not this archive
         return original(self, filepath, peft_cfgs, map_location)
 
-    return marked(load_adapters, original)
+    return load_adapters
 
 
-def save_to(self, save_path: str):
-    """A Tied-LoRA PEFT model's save_to writes the adapter archive; any other model: NeMo's save_to (ModelPT's)."""
-    if getattr(self, "_tiedlora_peft_cfg", None) is not None and getattr(self, "use_peft", False):
-        return save_adapter(self, save_path)
-    return super(NLPAdapterModelMixin, self).save_to(save_path)
+def wrap_save_to(original: Callable) -> Callable:
+    """save_to (what the mixin's class inherits, ModelPT's) that writes the archive for a Tied-LoRA PEFT model."""
+    def save_to(self, save_path: str):
+        if getattr(self, "_tiedlora_peft_cfg", None) is not None and getattr(self, "use_peft", False):
+            return save_adapter(self, save_path)  # not NeMo's: it writes per-rank state, not the archive
+        return original(self, save_path)
 
-
-setattr(save_to, HOOK_MARK, True)
+    return save_to
 
 
 def install_load_adapters() -> None:
     """Route NLPAdapterModelMixin.load_adapters to `load_adapter` for Tied-LoRA archives (idempotent)."""
-    wrap_once(NLPAdapterModelMixin, "load_adapters", wrap_load_adapters)
+    replace(NLPAdapterModelMixin, "load_adapters", wrap_load_adapters)
 
 
 def install_save_to() -> None:
     """Give NLPAdapterModelMixin a save_to that writes the archive for Tied-LoRA models (idempotent)."""
-    if getattr(NLPAdapterModelMixin, "save_to", None) is not save_to:
-        NLPAdapterModelMixin.save_to = save_to
+    replace(NLPAdapterModelMixin, "save_to", wrap_save_to)

@@ -23,7 +23,7 @@ import time
 import weakref
 from typing import Any, Callable, Optional
 
-from nemo_tiedlora.nemo.compat.patch import marked, wrap_once
+from nemo_tiedlora.nemo.compat.patch import replace
 from nemo_tiedlora.nemo.find_adapters import model_chunks, unwrap
 
 logger = logging.getLogger("nemo_tiedlora")
@@ -110,7 +110,7 @@ def wrap_allreduce_gradients(original: Callable) -> Callable:
         before_data_parallel_reduction(self)
         return original(self)
 
-    return marked(allreduce_gradients, original)
+    return allreduce_gradients
 
 
 def wrap_finalize_model_grads(original: Callable) -> Callable:
@@ -121,14 +121,14 @@ def wrap_finalize_model_grads(original: Callable) -> Callable:
             before_data_parallel_reduction(owner)
         return original(model, *args, **kwargs)
 
-    return marked(finalize_model_grads, original)
+    return finalize_model_grads
 
 
 def install_allreduce_gradients() -> None:
     """Plain optimizers: NeMo's training_step calls allreduce_gradients (DP all-reduce) after the pipeline."""
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
 
-    wrap_once(MegatronBaseModel, "allreduce_gradients", wrap_allreduce_gradients)
+    replace(MegatronBaseModel, "allreduce_gradients", wrap_allreduce_gradients)
 
 
 def install_finalize_model_grads() -> None:
@@ -142,7 +142,7 @@ def install_finalize_model_grads() -> None:
     for name in GPT_MODULES:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "finalize_model_grads", None) is not None:
-            wrap_once(module, "finalize_model_grads", wrap_finalize_model_grads)
+            replace(module, "finalize_model_grads", wrap_finalize_model_grads)
 
 
 def finalize_model_grads_exists() -> bool:

@@ -99,28 +99,27 @@ def hf_tokenizer_from_archive() -> None:
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
     from omegaconf import open_dict
 
-    original = MegatronBaseModel._build_tokenizer
-    if getattr(original, "_nemo_tiedlora_fix", False):
-        return
+    from nemo_tiedlora.nemo.compat.patch import replace
 
-    def _build_tokenizer(self):
-        tok = self._cfg.tokenizer
-        if tok.get("library") != "huggingface" or tok.get("type") != HF_TOKENIZER_IN_ARCHIVE:
-            return original(self)
-        # tokenizer.hf_files.<name with '.' as '_'>: one registered artifact per file (NeMo's artifacts are files)
-        folder = tempfile.mkdtemp(prefix="tiedlora-hf-tokenizer-")
-        try:
-            for key in list(tok.hf_files.keys()):
-                path = self.register_artifact(f"tokenizer.hf_files.{key}", tok.hf_files[key])
-                shutil.copyfile(path, os.path.join(folder, artifact_file_name(key)))
-            with open_dict(self._cfg):
-                tok.type = folder  # AutoTokenizer.from_pretrained(folder): read into memory now
-            original(self)
-        finally:
-            with open_dict(self._cfg):
-                tok.type = HF_TOKENIZER_IN_ARCHIVE
-            shutil.rmtree(folder, ignore_errors=True)
+    def make(original):
+        def _build_tokenizer(self):
+            tok = self._cfg.tokenizer
+            if tok.get("library") != "huggingface" or tok.get("type") != HF_TOKENIZER_IN_ARCHIVE:
+                return original(self)
+            # tokenizer.hf_files.<name with '.' as '_'>: one registered artifact per file (NeMo's artifacts are files)
+            folder = tempfile.mkdtemp(prefix="tiedlora-hf-tokenizer-")
+            try:
+                for key in list(tok.hf_files.keys()):
+                    path = self.register_artifact(f"tokenizer.hf_files.{key}", tok.hf_files[key])
+                    shutil.copyfile(path, os.path.join(folder, artifact_file_name(key)))
+                with open_dict(self._cfg):
+                    tok.type = folder  # AutoTokenizer.from_pretrained(folder): read into memory now
+                original(self)
+            finally:
+                with open_dict(self._cfg):
+                    tok.type = HF_TOKENIZER_IN_ARCHIVE
+                shutil.rmtree(folder, ignore_errors=True)
 
-    _build_tokenizer._nemo_tiedlora_fix = True
-    _build_tokenizer._nemo_tiedlora_original = original
-    MegatronBaseModel._build_tokenizer = _build_tokenizer
+        return _build_tokenizer
+
+    replace(MegatronBaseModel, "_build_tokenizer", make)

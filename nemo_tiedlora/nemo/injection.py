@@ -17,7 +17,7 @@ from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModel
 from nemo_tiedlora.core.errors import TiedLoraConfigError
 from nemo_tiedlora.nemo import grad_hooks
 from nemo_tiedlora.nemo.adapters import TiedLoraQKV, TiedLoraShared
-from nemo_tiedlora.nemo.compat.patch import marked, wrap_once
+from nemo_tiedlora.nemo.compat.patch import replace
 from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
 from nemo_tiedlora.nemo.summary import log_parameter_summary
 from nemo_tiedlora.nemo.find_adapters import SHARED_ATTR, iter_layer_adapters, model_chunks
@@ -126,9 +126,9 @@ def wrap_add_adapter(original: Callable) -> Callable:
             grad_hooks.install_finalize_model_grads()  # the SFT module may have been imported since setup()
             log_parameter_summary(self, tied_cfgs[0])
 
-    return marked(add_adapter, original)
+    return add_adapter
 
 
 def install_add_adapter() -> None:
     """Put `wrap_add_adapter` in front of NLPAdapterModelMixin.add_adapter (idempotent)."""
-    wrap_once(NLPAdapterModelMixin, "add_adapter", wrap_add_adapter)
+    replace(NLPAdapterModelMixin, "add_adapter", wrap_add_adapter)

@@ -105,8 +105,6 @@ def _flush_after(original: Any) -> Any:
         finally:
             _FILTER.flush()
 
-    build_transformer_config._nemo_tiedlora = True  # type: ignore[attr-defined]
-    build_transformer_config.__wrapped__ = original  # type: ignore[attr-defined]
     return build_transformer_config
 
 
@@ -130,6 +128,6 @@ def install_flush_hook() -> None:
     builds the parallel one again) is the last of them in a model's construction."""
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
 
-    original = MegatronBaseModel.build_transformer_config
-    if not getattr(original, "_nemo_tiedlora", False):
-        MegatronBaseModel.build_transformer_config = _flush_after(original)
+    from nemo_tiedlora.nemo.compat.patch import replace
+
+    replace(MegatronBaseModel, "build_transformer_config", _flush_after)

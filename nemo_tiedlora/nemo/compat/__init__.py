@@ -4,12 +4,14 @@ Site-packages are never edited. Every replacement nemo_tiedlora makes at run tim
 `table.PATCHES`: a ``fix`` for an upstream defect (named with the upstream file it lives in) or a ``hook`` through
 which Tied-LoRA plugs into NeMo; each with its target(s), its scope (when it is in force, e.g. "process-wide,
 CPU-only runs") and a ``needed()`` test of the upstream condition, so a fix is installed only where its defect is
-present. Areas (the fixes' modules):
+present; where ``needed()`` cannot read the upstream it inspects, `CompatUnknownUpstream` is raised (no
+fix is installed blind). Every replacement of an existing upstream attribute goes through `patch.replace`.
+Areas (the fixes' modules):
 
 - ``environment``: NeMo's 1.x NLP collection outside NVIDIA's PyTorch container (no apex, no TransformerEngine,
   no ``NVIDIA_PYTORCH_VERSION``). Applies on CPU and GPU machines alike; inside the container none is needed.
 - ``mcore``: NeMo 2.4.1 against megatron-core 0.13 (both on GPU and CPU).
-- ``lightning`` / ``nemo`` (`checkpoints`): NeMo 2.4.1's resume and PEFT-checkpoint bookkeeping (everywhere).
+- ``lightning`` / ``nemo`` (`training_state`): NeMo 2.4.1's resume and PEFT-checkpoint bookkeeping (everywhere).
 - ``cpu``: CUDA-only calls on a machine without a CUDA device; ``needed()`` is false wherever
   ``torch.cuda.is_available()``, so the GPU path stays untouched by CPU-only fixes.
 - ``tiedlora``: our hooks (`injection`, `grad_hooks`, `adapter_io`, `logs`); other models pass through them.
@@ -21,10 +23,10 @@ from __future__ import annotations
 
 import logging
 
-from nemo_tiedlora.nemo.compat.patch import FIX, HOOK, Patch
+from nemo_tiedlora.nemo.compat.patch import FIX, HOOK, CompatUnknownUpstream, Patch, evaluate
 from nemo_tiedlora.nemo.compat.table import PATCHES
 
-__all__ = ["FIX", "HOOK", "PATCHES", "Patch", "applied", "apply", "describe", "needed"]
+__all__ = ["FIX", "HOOK", "PATCHES", "CompatUnknownUpstream", "Patch", "applied", "apply", "describe", "needed"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +36,10 @@ _APPLYING: list[bool] = []  # apply() in progress (its installs import NeMo, whi
 
 
 def needed(patch: Patch) -> bool:
-    """Whether `patch`'s upstream condition holds here (evaluated once per process)."""
+    """Whether `patch`'s upstream condition holds here (evaluated once per process); `CompatUnknownUpstream`
+    when its ``needed()`` cannot read the upstream it inspects."""
     if patch.name not in _NEEDED:
-        _NEEDED[patch.name] = bool(patch.needed())
+        _NEEDED[patch.name] = evaluate(patch)
     return _NEEDED[patch.name]
 
 

@@ -11,45 +11,52 @@ from typing import Iterator
 
 import torch
 
-from nemo_tiedlora.nemo.compat.patch import ORIGINAL, source
+from nemo_tiedlora.nemo.compat.patch import owner_and_name, replace, replaced, source, undo
 
 
 def no_cuda() -> bool:
     return not torch.cuda.is_available()
 
 
+def _instead(owner, attr: str, value) -> None:
+    """``owner.attr = value`` through `replace`; the CUDA original is never called (there is no CUDA device)."""
+    replace(owner, attr, lambda _cuda_only: value)
+
+
 def cpu_device() -> None:
     """Process-wide, CPU-only runs: CUDA device calls become CPU no-ops (``Tensor.cuda()`` returns the tensor)."""
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.empty_cache = lambda *a, **k: None
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    torch.nn.Module.cuda = lambda self, *a, **k: self
+    _instead(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    _instead(torch.cuda, "synchronize", lambda *a, **k: None)
+    _instead(torch.cuda, "empty_cache", lambda *a, **k: None)
+    _instead(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    _instead(torch.nn.Module, "cuda", lambda self, *a, **k: self)
     for name in ("LongTensor", "FloatTensor", "IntTensor", "HalfTensor", "BFloat16Tensor", "ByteTensor", "BoolTensor"):
-        setattr(torch.cuda, name, getattr(torch, name))
+        _instead(torch.cuda, name, getattr(torch, name))
 
 
 def cpu_rng() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
-    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    torch.cuda.manual_seed = lambda seed: None
-    torch.cuda.manual_seed_all = lambda seed: None
-    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    _instead(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
+    _instead(torch.cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state))
+    _instead(torch.cuda, "manual_seed", lambda seed: None)
+    _instead(torch.cuda, "manual_seed_all", lambda seed: None)
+    _instead(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    _instead(mrandom, "_set_cuda_rng_state", lambda new_state, *a, **k: torch.set_rng_state(new_state))
 
 
 class _CudaLiteralsToCpu(types.ModuleType):
-    """Stands in for ``torch`` inside one upstream module: factory calls with device="cuda" get the CPU."""
+    """Stands in for ``torch`` inside one upstream module: every name is the module's own ``torch``'s, except that
+    factory calls with device="cuda" get the CPU."""
 
     _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange", "zeros_like", "ones_like", "empty_like")
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: types.ModuleType) -> None:
         super().__init__("torch")
+        self._upstream = upstream
 
     def __getattr__(self, name: str):
-        value = getattr(torch, name)
+        value = getattr(self.__dict__["_upstream"], name)
         if name not in self._FACTORIES:
             return value
 
@@ -79,15 +86,14 @@ def cpu_device_literals() -> None:
     import importlib
 
     for name in CUDA_LITERAL_MODULES:
-        module = importlib.import_module(name)
-        if not isinstance(module.torch, _CudaLiteralsToCpu):
-            module.torch = _CudaLiteralsToCpu()
+        replace(importlib.import_module(name), "torch", _CudaLiteralsToCpu)
 
 
 def cpu_cp_stream() -> None:
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
 
-    MegatronBaseModel.setup_transformer_engine_cp_groups = lambda self: None
+    # the original is not called: it only creates the CUDA stream TransformerEngine's context parallelism uses
+    replace(MegatronBaseModel, "setup_transformer_engine_cp_groups", lambda _upstream: lambda self: None)
 
 
 def cp_groups_need_a_cuda_stream() -> bool:
@@ -96,30 +102,30 @@ def cp_groups_need_a_cuda_stream() -> bool:
         return False
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
 
-    text = source(MegatronBaseModel.setup_transformer_engine_cp_groups)
-    return not text or "torch.cuda.Stream(" in text
+    return "torch.cuda.Stream(" in source(MegatronBaseModel.setup_transformer_engine_cp_groups)
 
 
 @contextlib.contextmanager
 def cuda_tensor_type_names() -> Iterator[None]:
     """While inside: a CPU tensor's ``type()`` reads 'torch.cuda.FloatTensor' & co (what megatron's optimizer
     checks accept). Restored on exit; nested use is a no-op."""
-    upstream = torch.Tensor.type
-    if getattr(upstream, "_nemo_tiedlora_fix", False):
+    if replaced(torch.Tensor, "type"):
         yield
         return
 
-    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
-        if dtype is None and not kwargs and not self.is_cuda:
-            return upstream(self).replace("torch.", "torch.cuda.", 1)
-        return upstream(self, dtype, non_blocking, **kwargs)
+    def make(upstream):
+        def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+            if dtype is None and not kwargs and not self.is_cuda:
+                return upstream(self).replace("torch.", "torch.cuda.", 1)
+            return upstream(self, dtype, non_blocking, **kwargs)
 
-    tensor_type._nemo_tiedlora_fix = True
-    torch.Tensor.type = tensor_type
+        return tensor_type
+
+    replace(torch.Tensor, "type", make)
     try:
         yield
     finally:
-        torch.Tensor.type = upstream
+        undo(torch.Tensor, "type")
 
 
 # The calls in which megatron-core accepts a parameter only if type() names a CUDA tensor: the optimizers'
@@ -139,25 +145,14 @@ def _with_cuda_type_names(function):
         with cuda_tensor_type_names():
             return function(*args, **kwargs)
 
-    call._nemo_tiedlora_fix = True
-    setattr(call, ORIGINAL, function)
     call.__name__, call.__qualname__, call.__doc__ = function.__name__, function.__qualname__, function.__doc__
     return call
 
 
 def cpu_tensor_type_in_optimizer_calls() -> None:
     """Wrap each of TYPE_CHECKING_CALLS in `cuda_tensor_type_names` (idempotent)."""
-    import importlib
-
     for target in TYPE_CHECKING_CALLS:
-        module_name, _, qualname = target.partition(":")
-        owner = importlib.import_module(module_name)
-        *path, attr = qualname.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        function = getattr(owner, attr)
-        if not getattr(function, "_nemo_tiedlora_fix", False):
-            setattr(owner, attr, _with_cuda_type_names(function))
+        replace(*owner_and_name(target), _with_cuda_type_names)
 
 
 def optimizer_checks_cuda_type_names() -> bool:
@@ -166,5 +161,4 @@ def optimizer_checks_cuda_type_names() -> bool:
         return False
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    text = source(DistributedOptimizer._build_model_and_main_param_groups)
-    return not text or "'torch.cuda.FloatTensor'" in text
+    return "'torch.cuda.FloatTensor'" in source(DistributedOptimizer._build_model_and_main_param_groups)

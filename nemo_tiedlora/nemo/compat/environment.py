@@ -1,5 +1,5 @@
 """Fixes for NeMo's 1.x NLP collection outside NVIDIA's PyTorch container (no apex, no TransformerEngine, no
-``NVIDIA_PYTORCH_VERSION``), and the import-hf tokenizer hook (nemo glue layer; declared in `table.PATCHES`).
+``NVIDIA_PYTORCH_VERSION``) (nemo glue layer; declared in `table.PATCHES`).
 
 Each function pair is one entry: the install function and the ``needed()`` test of the upstream condition.
 """
@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from nemo_tiedlora.nemo.compat.patch import have_module, source
+from nemo_tiedlora.nemo.compat.patch import have_module, replace, source
 
 
 def set_nvidia_pytorch_version() -> None:
@@ -26,12 +26,14 @@ def nvidia_pytorch_version_unset() -> bool:
 def open_apex_gate() -> None:
     import nemo.collections.nlp.parts.nlp_overrides as nlo
 
-    nlo.HAVE_APEX = True
+    replace(nlo, "HAVE_APEX", lambda _unset: True)  # a flag: the gated code paths need no apex on the mcore path
 
 
 def apex_transformer_missing() -> bool:
-    """nlp_overrides.py sets HAVE_APEX from ``import apex.transformer``."""
-    return not have_module("apex.transformer")
+    """nlp_overrides.py found no ``apex.transformer``: HAVE_APEX is False and its strategy and connector refuse."""
+    import nemo.collections.nlp.parts.nlp_overrides as nlo
+
+    return not nlo.HAVE_APEX
 
 
 def define_apex_only_names() -> None:
@@ -55,9 +57,12 @@ def define_apex_only_names() -> None:
 
 
 def apex_only_names_missing() -> bool:
+    """build_model.py / megatron/utils.py lack a name they import only from apex."""
+    import nemo.collections.nlp.modules.common.megatron.build_model as build_model
     import nemo.collections.nlp.modules.common.megatron.utils as mutils
 
-    return not hasattr(mutils, "listify_model")
+    return not hasattr(build_model, "set_defaults_if_not_set_tensor_model_parallel_attributes") or not all(
+        hasattr(mutils, name) for name in ("listify_model", "FusedLayerNorm", "FastLayerNorm", "MixedFusedRMSNorm"))
 
 
 def torch_multi_tensor_l2norm() -> None:
@@ -115,24 +120,21 @@ def torch_norm_sequence_parallel() -> None:
 
     from megatron.core.transformer import torch_norm
 
-    original_new = torch_norm.WrappedTorchNorm.__new__
-    if getattr(original_new, "_nemo_tiedlora_fix", False):
-        return
+    def make(original_new):
+        def __new__(cls, config, hidden_size, *args, **kwargs):
+            if not config.sequence_parallel:
+                return original_new(cls, config, hidden_size, *args, **kwargs)
+            local = copy.copy(config)  # never mutate the shared config
+            local.sequence_parallel = False
+            norm = original_new(cls, local, hidden_size, *args, **kwargs)
+            for param in norm.parameters():
+                # as apex's FusedLayerNorm does: NeMo / megatron all-reduce these grads over the TP group
+                param.sequence_parallel = True
+            return norm
 
-    def __new__(cls, config, hidden_size, *args, **kwargs):
-        if not config.sequence_parallel:
-            return original_new(cls, config, hidden_size, *args, **kwargs)
-        local = copy.copy(config)  # never mutate the shared config
-        local.sequence_parallel = False
-        norm = original_new(cls, local, hidden_size, *args, **kwargs)
-        for param in norm.parameters():
-            # as apex's FusedLayerNorm does: NeMo / megatron all-reduce these grads over the TP group
-            param.sequence_parallel = True
-        return norm
+        return __new__
 
-    __new__._nemo_tiedlora_fix = True
-    __new__._nemo_tiedlora_original = original_new
-    torch_norm.WrappedTorchNorm.__new__ = __new__
+    replace(torch_norm.WrappedTorchNorm, "__new__", make)
 
 
 def torch_norm_refuses_sequence_parallel() -> bool:
@@ -141,27 +143,23 @@ def torch_norm_refuses_sequence_parallel() -> bool:
         return False
     from megatron.core.transformer import torch_norm
 
-    text = source(torch_norm.WrappedTorchNorm.__new__)
-    return not text or "assert not config.sequence_parallel" in text
+    return "assert not config.sequence_parallel" in source(torch_norm.WrappedTorchNorm.__new__)
 
 
 def te_free_specs() -> None:
     import nemo.collections.nlp.models.language_modeling.megatron_gpt_model as gpt_model
 
-    original = gpt_model.get_specs
-    if getattr(original, "_nemo_tiedlora_fix", False):
-        return
+    def make(original):
+        def get_specs(spec_name, transformer_config=None, use_te=True, hyena_cfg=None, fp8=False):
+            if spec_name == "" and not use_te:  # the local spec, without building TE's (upstream: NameError)
+                num_experts = transformer_config.num_moe_experts if transformer_config else None
+                grouped = transformer_config.moe_grouped_gemm if transformer_config else False
+                return gpt_model.get_gpt_layer_local_spec(num_experts, grouped)
+            return original(spec_name, transformer_config, use_te, hyena_cfg, fp8)
 
-    def get_specs(spec_name, transformer_config=None, use_te=True, hyena_cfg=None, fp8=False):
-        if spec_name == "" and not use_te:
-            num_experts = transformer_config.num_moe_experts if transformer_config else None
-            grouped = transformer_config.moe_grouped_gemm if transformer_config else False
-            return gpt_model.get_gpt_layer_local_spec(num_experts, grouped)
-        return original(spec_name, transformer_config, use_te, hyena_cfg, fp8)
+        return get_specs
 
-    get_specs._nemo_tiedlora_fix = True
-    get_specs._nemo_tiedlora_original = original
-    gpt_model.get_specs = get_specs
+    replace(gpt_model, "get_specs", make)
 
 
 def te_specs_built_without_te() -> bool:
@@ -170,5 +168,4 @@ def te_specs_built_without_te() -> bool:
         return False
     import nemo.collections.nlp.models.language_modeling.megatron_gpt_model as gpt_model
 
-    text = source(gpt_model.get_specs)
-    return not text or "get_gpt_layer_with_transformer_engine_spec(" in text
+    return "get_gpt_layer_with_transformer_engine_spec(" in source(gpt_model.get_specs)

@@ -6,7 +6,10 @@ Every entry of `nemo_tiedlora.nemo.compat.table.PATCHES` is a `Patch` built with
   upstream behaviour, signature or environment that makes the fix necessary (false: the fix is not installed).
 - ``hook``: how Tied-LoRA plugs into NeMo (no defect); ``needed()`` checks that the hooked function exists.
 
-Helpers shared by the fixes' ``needed()`` tests live here too.
+Every replacement of an existing upstream attribute goes through `replace` (records the original, installs once,
+`undo` reverts). A fix's ``needed()`` that cannot read the upstream it inspects raises `CompatUnknownUpstream`
+(never installs blind); `evaluate` is how ``needed()`` is called. Helpers shared by the ``needed()`` tests live here
+too.
 """
 
 from __future__ import annotations
@@ -76,6 +79,16 @@ def resolve(target: str) -> Any:
     return value
 
 
+def owner_and_name(target: str) -> tuple[Any, str]:
+    """The object that holds a "module:qualname" target, and the target's attribute name on it."""
+    module_name, _, qualname = target.partition(":")
+    path, _, attr = qualname.rpartition(".")
+    owner: Any = importlib.import_module(module_name)
+    for part in filter(None, path.split(".")):
+        owner = getattr(owner, part)
+    return owner, attr
+
+
 def exists(*targets: str) -> Callable[[], bool]:
     """``needed()`` of a hook: every hooked function exists upstream."""
     def check() -> bool:
@@ -87,29 +100,90 @@ def exists(*targets: str) -> Callable[[], bool]:
     return check
 
 
-ORIGINAL = "_nemo_tiedlora_original"  # set on each of our wrappers: the function it replaced (not ``__wrapped__``,
-# which would change what inspect.signature reports to upstream code)
+ORIGINAL = "_nemo_tiedlora_original"  # set on each of our replacement functions: what it replaced (not
+# ``__wrapped__``, which would change what inspect.signature reports to upstream code)
+MARK = "_nemo_tiedlora_fix"  # set on each of our replacement functions (see `is_replacement`)
 
 
-HOOK_MARK = "_nemo_tiedlora"  # set on each Tied-LoRA hook wrapper (idempotent installs)
+@dataclass(frozen=True)
+class _Replaced:
+    replacement: Any
+    own: Any  # the owner's own entry before (vars(owner)[attr]); _ABSENT when it had none
 
 
-def marked(wrapper: Callable, replaced: Callable) -> Callable:
-    """`wrapper` tagged as our hook around `replaced` (see `original`)."""
-    setattr(wrapper, HOOK_MARK, True)
-    setattr(wrapper, ORIGINAL, replaced)
-    return wrapper
+_ABSENT = object()
+_REPLACED: dict[tuple[Any, str], _Replaced] = {}  # (owner, attr) -> what `replace` put there
 
 
-def wrap_once(owner: Any, attr: str, wrap: Callable[[Callable], Callable]) -> None:
-    """``owner.attr = wrap(owner.attr)`` unless it is already one of our hooks."""
-    current = getattr(owner, attr)
-    if not getattr(current, HOOK_MARK, False):
-        setattr(owner, attr, wrap(current))
+def _next_in_mro(owner: type, attr: str) -> Callable:
+    """A method that calls what `attr` is after `owner` in the instance's MRO (`owner` defines no `attr`)."""
+    def inherited(self, *args, **kwargs):
+        return getattr(super(owner, self), attr)(*args, **kwargs)
+
+    inherited.__name__ = attr
+    inherited.__qualname__ = f"super({owner.__qualname__}).{attr}"
+    return inherited
+
+
+def replace(owner: Any, attr: str, make: Callable[[Any], Any]) -> Any:
+    """Set ``owner.attr = make(original)`` once and return what is in force (installing twice is a no-op).
+
+    `original` is what ``owner.attr`` was: the replacement chains to it where the upstream code still has to run.
+    A class that does not define `attr` itself (a mixin) gets, as `original`, a method calling the next definition
+    in the instance's MRO (what ran before). A replacement function is tagged with `MARK` and `ORIGINAL` (so
+    `original` and `is_replacement` see through it); other objects (torch's tensor classes) are recorded only
+    here. `undo` puts the owner's own entry back.
+    """
+    done = _REPLACED.get((owner, attr))
+    if done is not None and vars(owner).get(attr, _ABSENT) is done.replacement:
+        return done.replacement
+    own = vars(owner).get(attr, _ABSENT)
+    if own is _ABSENT and isinstance(owner, type):
+        before = _next_in_mro(owner, attr)
+    else:
+        before = getattr(owner, attr)  # AttributeError: nothing to replace
+    replacement = make(before)
+    if inspect.isfunction(replacement):
+        setattr(replacement, MARK, True)
+        setattr(replacement, ORIGINAL, before)
+    _REPLACED[(owner, attr)] = _Replaced(replacement, own)
+    setattr(owner, attr, replacement)
+    return replacement
+
+
+def replaced(owner: Any, attr: str) -> bool:
+    """Whether ``owner.attr`` is what `replace` put there."""
+    done = _REPLACED.get((owner, attr))
+    return done is not None and vars(owner).get(attr, _ABSENT) is done.replacement
+
+
+def undo(owner: Any, attr: str) -> None:
+    """Put back the owner's own ``attr`` that `replace` replaced (or remove ours where it had none)."""
+    done = _REPLACED.pop((owner, attr), None)
+    if done is None or vars(owner).get(attr, _ABSENT) is not done.replacement:
+        return
+    if done.own is _ABSENT:
+        delattr(owner, attr)
+    else:
+        setattr(owner, attr, done.own)
+
+
+def upstream_own(owner: type, attr: str) -> Any:
+    """The class's own upstream definition of `attr` (behind our replacement); None where it defines none."""
+    done = _REPLACED.get((owner, attr))
+    own = vars(owner).get(attr, _ABSENT)
+    if done is not None and own is done.replacement:
+        own = done.own
+    return None if own is _ABSENT else own
+
+
+def is_replacement(function: Any) -> bool:
+    """Whether `function` is one of our replacement functions."""
+    return bool(getattr(function, MARK, False))
 
 
 def original(function: Any) -> Any:
-    """The upstream function behind our wrappers, to test upstream behaviour after install."""
+    """The upstream function behind our replacements, to test upstream behaviour after install."""
     while True:
         behind = getattr(function, ORIGINAL, None) or getattr(function, "__wrapped__", None)
         if behind is None:
@@ -117,12 +191,57 @@ def original(function: Any) -> Any:
         function = behind
 
 
-def source(function: Any) -> str:
-    """The upstream source of `function` ('' when it cannot be read, e.g. a bytecode-only install)."""
+class CompatUnknownUpstream(RuntimeError):
+    """A fix's ``needed()`` cannot tell whether the installed NeMo / megatron-core has the defect it fixes.
+
+    Raised instead of installing the fix blind; the message names the patch, what could not be read and the
+    installed versions.
+    """
+
+    def __init__(self, what: str, patch: str = "") -> None:
+        self.what, self.patch = what, patch
+        super().__init__(
+            f"compat patch {patch or '?'}: cannot tell whether its upstream defect is present: {what} (installed: "
+            f"{installed_versions()}; nemo_tiedlora's fixes are written for nemo_toolkit 2.4.1, megatron-core "
+            f"0.13.1): install those versions, or check this patch against the installed code and update its "
+            f"needed() in nemo_tiedlora/nemo/compat/")
+
+
+def installed_versions() -> str:
+    """'nemo_toolkit X, megatron-core Y' as installed here."""
+    import importlib.metadata
+
+    versions = []
+    for dist in ("nemo_toolkit", "megatron-core"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist} not installed")
+    return ", ".join(versions)
+
+
+def evaluate(patch: Patch) -> bool:
+    """``patch.needed()``; an upstream it cannot read, or missing what it inspects, raises
+    `CompatUnknownUpstream` naming the patch (hooks' `exists` answer False for a missing target instead)."""
     try:
-        return inspect.getsource(original(function))
-    except (OSError, TypeError):
-        return ""
+        return bool(patch.needed())
+    except CompatUnknownUpstream as error:
+        if error.patch:
+            raise
+        raise CompatUnknownUpstream(error.what, patch.name) from error
+    except (ImportError, AttributeError) as error:
+        raise CompatUnknownUpstream(f"{type(error).__name__}: {error}", patch.name) from error
+
+
+def source(function: Any) -> str:
+    """The upstream source of `function` (behind our replacements); `CompatUnknownUpstream` when it cannot be
+    read (e.g. a bytecode-only install)."""
+    upstream = original(function)
+    try:
+        return inspect.getsource(upstream)
+    except (OSError, TypeError) as error:
+        name = f"{getattr(upstream, '__module__', '?')}.{getattr(upstream, '__qualname__', upstream)!s}"
+        raise CompatUnknownUpstream(f"cannot read the source of {name} ({error})") from error
 
 
 def have_module(name: str) -> bool:

@@ -123,7 +123,8 @@ CHECKPOINT_FIXES: tuple[Patch, ...] = (
                "left after consumed_samples, while Lightning restores the epoch's batch count on resume: the "
                "resumed epoch ends one step early and restarts the sampler at the resume point, replaying batches "
                "(resumed losses differ from an uninterrupted run). The length becomes the whole epoch's",
-        needed=training_state.sampler_length_counts_from_resume_point, install=training_state.epoch_length_from_epoch_start,
+        needed=training_state.sampler_length_counts_from_resume_point,
+        install=training_state.epoch_length_from_epoch_start,
     ),
     Patch(
         name="peft-checkpoint-chunk-keys", kind=FIX, area="nemo", scope=ALWAYS,

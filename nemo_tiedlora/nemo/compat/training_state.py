@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from nemo_tiedlora.nemo.compat.patch import original, source
+from nemo_tiedlora.nemo.compat.patch import original, replace, source, upstream_own
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -17,21 +17,18 @@ def epoch_length_from_epoch_start() -> None:
 
     from nemo.collections.nlp.data.language_modeling.megatron import megatron_batch_samplers as samplers
 
-    for cls in (samplers.MegatronPretrainingBatchSampler, samplers.MegatronPretrainingRandomBatchSampler):
-        original = cls.__len__
-        if getattr(original, "_nemo_tiedlora_fix", False):
-            continue
-
-        def __len__(self, _original=original):
+    def make(upstream):
+        def __len__(self):
             # Lightning counts an epoch's batches from the epoch's start and restores that count on resume; the
             # sampler still yields only the batches not yet consumed, so the two meet at the epoch's end.
             probe = copy.copy(self)
             probe.consumed_samples = 0
-            return _original(probe)
+            return upstream(probe)
 
-        __len__._nemo_tiedlora_fix = True
-        __len__._nemo_tiedlora_original = original
-        cls.__len__ = __len__
+        return __len__
+
+    for cls in (samplers.MegatronPretrainingBatchSampler, samplers.MegatronPretrainingRandomBatchSampler):
+        replace(cls, "__len__", make)
 
 
 def sampler_length_counts_from_resume_point() -> bool:
@@ -54,24 +51,22 @@ def sampler_length_counts_from_resume_point() -> bool:
 def peft_checkpoint_chunk_keys() -> None:
     from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
 
-    original = NLPAdapterModelMixin.on_load_checkpoint
-    if getattr(original, "_nemo_tiedlora_fix", False):
-        return
+    def make(upstream):
+        def on_load_checkpoint(self, checkpoint) -> None:
+            # get_peft_state_dict saves a list-held model (the distributed optimizer keeps [McoreDDP(chunk)] even
+            # without a virtual pipeline) as {"model_0": {...}}; on_load_checkpoint unwraps "model_<i>" only under
+            # a virtual pipeline. Unwrap the single chunk here; NeMo's hook then loads it (and empties it).
+            state = checkpoint.get("state_dict")
+            model = getattr(self, "model", None)
+            if (isinstance(model, list) and len(model) == 1
+                    and self.cfg.get("virtual_pipeline_model_parallel_size") is None
+                    and isinstance(state, dict) and set(state) == {"model_0"}):
+                checkpoint["state_dict"] = state["model_0"]
+            return upstream(self, checkpoint)
 
-    def on_load_checkpoint(self, checkpoint) -> None:
-        # get_peft_state_dict saves a list-held model (the distributed optimizer keeps [McoreDDP(chunk)] even
-        # without a virtual pipeline) as {"model_0": {...}}; on_load_checkpoint unwraps "model_<i>" only under a
-        # virtual pipeline. Unwrap the single chunk here; NeMo's hook then loads it (and empties it, as it does).
-        state = checkpoint.get("state_dict")
-        model = getattr(self, "model", None)
-        if (isinstance(model, list) and len(model) == 1 and self.cfg.get("virtual_pipeline_model_parallel_size") is None
-                and isinstance(state, dict) and set(state) == {"model_0"}):
-            checkpoint["state_dict"] = state["model_0"]
-        return original(self, checkpoint)
+        return on_load_checkpoint
 
-    on_load_checkpoint._nemo_tiedlora_fix = True
-    on_load_checkpoint._nemo_tiedlora_original = original
-    NLPAdapterModelMixin.on_load_checkpoint = on_load_checkpoint
+    replace(NLPAdapterModelMixin, "on_load_checkpoint", make)
 
 
 def peft_chunk_keys_disagree() -> bool:
@@ -80,8 +75,6 @@ def peft_chunk_keys_disagree() -> bool:
     from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
 
     save, load = source(NLPAdapterModelMixin.get_peft_state_dict), source(NLPAdapterModelMixin.on_load_checkpoint)
-    if not save or not load:
-        return True  # cannot tell without the source: keep the fix (it only unwraps a lone 'model_0')
     saves_chunks = 'f"model_{i}"' in save and "isinstance(self.model, list)" in save
     loads_only_with_vpp = "virtual_pipeline_model_parallel_size" in load and "f'model_{index}'" in load
     return saves_chunks and loads_only_with_vpp
@@ -103,44 +96,42 @@ def peft_distributed_optimizer_state() -> None:
     from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModelMixin
     from nemo.core.optim.mcore_optim import McoreDistributedOptimizer
 
-    if getattr(NLPAdapterModelMixin.__dict__.get("on_save_checkpoint"), "_nemo_tiedlora_fix", False):
-        return
+    def make_save(upstream):
+        def on_save_checkpoint(self, checkpoint) -> None:
+            upstream(self, checkpoint)
+            if not (getattr(self, "use_peft", False) and getattr(self, "setup_complete", False)):
+                return
+            trainer = getattr(self, "_trainer", None)
+            optimizers = trainer.optimizers if trainer is not None else []
+            states = checkpoint.get("optimizer_states") or []
+            for optimizer, state in zip(optimizers, states):
+                dist_opts = _dist_optimizers(optimizer)
+                if dist_opts and isinstance(state, dict):
+                    # collective over the data-parallel group: every rank dumps the checkpoint, DP rank 0 gets all
+                    state[PARAM_STATE_KEY] = [opt.get_parameter_state_dp_zero() for opt in dist_opts]
 
-    def on_save_checkpoint(self, checkpoint) -> None:
-        super(NLPAdapterModelMixin, self).on_save_checkpoint(checkpoint)
-        if not (getattr(self, "use_peft", False) and getattr(self, "setup_complete", False)):
-            return
-        trainer = getattr(self, "_trainer", None)
-        optimizers = trainer.optimizers if trainer is not None else []
-        states = checkpoint.get("optimizer_states") or []
-        for optimizer, state in zip(optimizers, states):
-            dist_opts = _dist_optimizers(optimizer)
-            if dist_opts and isinstance(state, dict):
-                # collective over the data-parallel group: every rank dumps the checkpoint, DP rank 0 gets it all
-                state[PARAM_STATE_KEY] = [opt.get_parameter_state_dp_zero() for opt in dist_opts]
+        return on_save_checkpoint
 
-    on_save_checkpoint._nemo_tiedlora_fix = True
-    NLPAdapterModelMixin.on_save_checkpoint = on_save_checkpoint
+    def make_load(upstream):
+        def load_state_dict(self, state_dict):
+            param_states = state_dict.pop(PARAM_STATE_KEY, None) if isinstance(state_dict, dict) else None
+            upstream(self, state_dict)
+            if param_states is not None:  # every DP rank read the same file; DP rank 0 scatters the shards
+                with torch.no_grad():  # fp32 main params are views of the trained parameters
+                    for opt, param_state in zip(_dist_optimizers(self), param_states):
+                        # torch's Adam keeps a "step" tensor per parameter (set from param_groups by
+                        # load_state_dict) that the parameter state does not carry: megatron would look it up
+                        # there (KeyError)
+                        inner = opt.optimizer.state
+                        steps = {param: state.pop("step") for param, state in inner.items() if "step" in state}
+                        opt.load_parameter_state_from_dp_zero(param_state)
+                        for param, step in steps.items():  # one tensor each: megatron hands every parameter
+                            inner[param]["step"] = step.clone()  # the same one, which Adam's += 1 counts N times
 
-    original_load = McoreDistributedOptimizer.load_state_dict
+        return load_state_dict
 
-    def load_state_dict(self, state_dict):
-        param_states = state_dict.pop(PARAM_STATE_KEY, None) if isinstance(state_dict, dict) else None
-        original_load(self, state_dict)
-        if param_states is not None:  # every DP rank read the same file; DP rank 0 scatters the shards
-            with torch.no_grad():  # fp32 main params are views of the trained parameters
-                for opt, param_state in zip(_dist_optimizers(self), param_states):
-                    # torch's Adam keeps a "step" tensor per parameter (set from param_groups by load_state_dict)
-                    # that the parameter state does not carry: megatron would look it up there (KeyError)
-                    inner = opt.optimizer.state
-                    steps = {param: state.pop("step") for param, state in inner.items() if "step" in state}
-                    opt.load_parameter_state_from_dp_zero(param_state)
-                    for param, step in steps.items():  # one tensor each: megatron hands every parameter the
-                        inner[param]["step"] = step.clone()  # same one, which Adam's in-place += 1 would count N times
-
-    load_state_dict._nemo_tiedlora_fix = True
-    load_state_dict._nemo_tiedlora_original = original_load
-    McoreDistributedOptimizer.load_state_dict = load_state_dict
+    replace(NLPAdapterModelMixin, "on_save_checkpoint", make_save)
+    replace(McoreDistributedOptimizer, "load_state_dict", make_load)
 
 
 def peft_checkpoint_lacks_optimizer_moments() -> bool:
@@ -152,11 +143,8 @@ def peft_checkpoint_lacks_optimizer_moments() -> bool:
     from nemo.core.optim.mcore_optim import McoreDistributedOptimizer
 
     megatron_state = source(DistributedOptimizer.state_dict)
-    if not megatron_state:
-        return True  # cannot tell without the source: keep the fix (it adds what is missing, nothing else)
     if "get_parameter_state" in megatron_state or '"state"' not in megatron_state:
         return False
-    hook = NLPAdapterModelMixin.__dict__.get("on_save_checkpoint")  # NeMo 2.4.1 has none; ours once installed
-    upstream_hook = "" if hook is None or getattr(hook, "_nemo_tiedlora_fix", False) else source(hook)
+    hook = upstream_own(NLPAdapterModelMixin, "on_save_checkpoint")  # NeMo 2.4.1 defines none
+    upstream_hook = "" if hook is None else source(hook)
     return "get_parameter_state" not in source(McoreDistributedOptimizer.state_dict) + upstream_hook
-
