@@ -16,12 +16,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 logger = logging.getLogger("nemo_tiedlora")
 
 
-TUNING_CONF = Path(__file__).resolve().parents[1] / "apps" / "entry_scripts" / "conf"  # the entry scripts' YAML (package data)
+# the entry scripts' YAML (package data)
+TUNING_CONF = Path(__file__).resolve().parents[1] / "apps" / "entry_scripts" / "conf"
 
 
 def tuning_config(name: str = "finetuning") -> DictConfig:
-    """A fresh copy of the YAML an entry script runs with (``nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_<name>_config.yaml``:
-    ``finetuning``, ``generate``, ``tiedlora_merge``), for code that runs those steps in-process."""
+    """A fresh copy of the YAML an entry script runs with
+    (``nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_<name>_config.yaml``: ``finetuning``, ``generate``,
+    ``tiedlora_merge``), for code that runs those steps in-process."""
     path = TUNING_CONF / f"megatron_gpt_{name}_config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the package's data files are missing; reinstall nemo_tiedlora")

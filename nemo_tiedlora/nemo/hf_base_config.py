@@ -1,11 +1,11 @@
 """The NeMo model config of a base imported from Hugging Face by ``import-hf`` (nemo glue layer).
 
-The mapping is pure (``nemo_tiedlora.formats.hf.llama_to_nemo``, ``nemo_tiedlora.formats.hf.source``); this module assembles the NeMo
-config around it (:func:`nemo_config`, on ``nemo.gpt_config.llama_gpt_config``) and its tokenizer section
-(:func:`tokenizer_config`); the tool ``nemo_tiedlora.tools.import_hf`` writes the archive through
-``nemo.base_archive``. The tokenizer travels inside the archive as NeMo's
-``huggingface`` tokenizer: its files are archive artifacts ``tokenizer.hf_files.*`` (``tokenizer.type`` is
-``nemo_tiedlora:hf_files``; the compat fix ``hf-tokenizer-in-archive`` lets NeMo read them), so loading needs no
+The mapping is pure (``formats.hf.llama_to_nemo``, ``formats.hf.source``); this module assembles the NeMo config
+around it (:func:`nemo_config`, on ``nemo.gpt_config.llama_gpt_config``) and its tokenizer section
+(:func:`tokenizer_config`); the tool ``tools.import_hf`` writes the archive through ``nemo.base_archive``. The
+tokenizer travels inside the archive as NeMo's ``huggingface`` tokenizer: its files are archive artifacts
+``tokenizer.hf_files.*`` (``tokenizer.type`` is ``nemo_tiedlora:hf_files``; the compat hook
+``hf-tokenizer-in-archive``, :func:`hf_tokenizer_from_archive`, lets NeMo read them), so loading needs no
 hub access and no path outside the archive.
 """
 
