@@ -189,7 +189,7 @@ def prepare(work: Path = WORK) -> Path:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    from nemo_tiedlora.tools.runner import child_env
+    from nemo_tiedlora.apps.runner import child_env
 
     return dict(child_env(), OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **extra)
 
@@ -205,7 +205,7 @@ def _run_logged(args: list[str], log: Path, timeout: float, env: dict | None = N
         try:
             code = process.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            from nemo_tiedlora.tools.runner import stop_group
+            from nemo_tiedlora.apps.runner import stop_group
 
             stop_group(process, grace=5)
             return {"status": "timeout", "seconds": round(time.time() - started, 1), "exit": None}
@@ -283,7 +283,7 @@ def _finish_demo_run(name: str, started_run: tuple, status: dict, log: Path, tim
     try:
         status[name] = process.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        from nemo_tiedlora.tools.runner import stop_group
+        from nemo_tiedlora.apps.runner import stop_group
 
         stop_group(process, grace=5)
         status[name] = "timeout"
@@ -360,7 +360,7 @@ def _finish_pytest(out: Path, process: subprocess.Popen, began: float, timeout: 
         code = process.wait(timeout=max(1.0, timeout - (time.time() - began)))
         status = "passed" if code == 0 else "failed"
     except subprocess.TimeoutExpired:
-        from nemo_tiedlora.tools.runner import stop_group
+        from nemo_tiedlora.apps.runner import stop_group
 
         stop_group(process, grace=5)
         code, status = None, "timeout"
