@@ -20,7 +20,8 @@ KINDS = {"tl6": ("tl6", 4), "lora": ("lora", 2), "vera": ("vera", 4)}
 PLAN = ["tl6", "lora", None, "vera", "tl6", "lora", "vera", None]  # adapter of item i (None: the base alone)
 
 
-def random_archive(path: Path, preset: str, rank: int, shape: dict, seed: int) -> Path:
+def random_archive(path: Path, preset: str, rank: int, shape: dict, seed: int, scale: float = 0.5) -> Path:
+    """An adapter archive with factors ~ N(0, scale) (u and v around 1)."""
     from nemo_tiedlora.core.config import TiedLoraConfig
     from nemo_tiedlora.formats.adapter_archive import save_archive
     from nemo_tiedlora.formats.adapter_keys import expected_keys, factor_of
@@ -29,7 +30,7 @@ def random_archive(path: Path, preset: str, rank: int, shape: dict, seed: int) -
     generator = torch.Generator().manual_seed(seed)
     sizes = {"A": (rank, shape["hidden_size"]), "B": (shape["out_features"], rank), "u": (rank,),
              "v": (shape["out_features"],)}
-    tensors = {key: torch.randn(sizes[factor_of(key)], generator=generator) * 0.5 + (factor_of(key) in "uv")
+    tensors = {key: torch.randn(sizes[factor_of(key)], generator=generator) * scale + (factor_of(key) in "uv")
                for key in expected_keys(cfg, shape["num_layers"])}
     return save_archive(path, config=cfg, shape=shape, tensors=tensors)
 

@@ -28,13 +28,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 openai = pytest.importorskip("openai", reason="the serving extra (requirements/requirements-serve.txt)")
 pytest.importorskip("fastapi", reason="the serving extra (requirements/requirements-serve.txt)")
 
+from tests.smollm2_assets import smollm2_gguf, smollm2_nemo  # noqa: F401,E402 (pytest fixtures)
+
 REPO = Path(__file__).resolve().parents[2]
+ENTRY = REPO / "examples" / "nlp" / "language_modeling" / "tuning" / "megatron_gpt_tiedlora_serve.py"
 
 
 class Server:
     """`python -m nemo_tiedlora serve` as a user starts it, on a free loopback port."""
 
-    def __init__(self, base: Path, adapters: Path, log: Path, *flags: str) -> None:
+    def __init__(self, base: Path, adapters: Path, log: Path, *flags: str, entry_script: bool = False) -> None:
         from tests.script_env import script_env
 
         with socket.socket() as probe:
@@ -43,6 +46,8 @@ class Server:
         self.log = log
         command = [sys.executable, "-m", "nemo_tiedlora", "serve", "--base", str(base), "--adapters", str(adapters),
                    "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        if entry_script:  # the README's NeMo-style command: hydra overrides
+            command = [sys.executable, str(ENTRY), f"base={base}", f"adapters={adapters}", f"port={self.port}", *flags]
         with open(log, "w") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=script_env(), cwd=REPO)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0,
@@ -50,18 +55,9 @@ class Server:
         self._wait()
 
     def _wait(self) -> None:
-        import httpx
+        from tests.http_health import wait_until_healthy
 
-        for _ in range(600):
-            if self.process.poll() is not None:
-                raise AssertionError(f"the server exited ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"the server did not come up:\n{self.log.read_text()[-3000:]}")
+        wait_until_healthy(self.process, f"http://127.0.0.1:{self.port}/health", self.log, seconds=300)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
@@ -189,9 +185,11 @@ def test_a_full_queue_answers_429_and_loading_is_off_by_default(bank_reference, 
 
 
 def test_a_server_killed_with_sigkill_starts_again_and_answers_the_same(bank_reference, tmp_path):
+    """Started the first time through the NeMo-style entry script (hydra overrides), the second time as the CLI."""
     base, folder, items, answers = bank_reference
     before = _digest(folder)
-    first = Server(base, folder, tmp_path / "first.log")
+    first = Server(base, folder, tmp_path / "first.log", "max_batch_size=4", entry_script=True)
+    assert {card.id for card in first.client.models.list().data} == {"base", "tl6", "lora", "vera"}
     item = items[0]
     assert first.complete(_model(item), item["input"]).choices[0].text == answers[_key(item)]
     first.stop(signal.SIGKILL)
@@ -243,3 +241,56 @@ def test_32_clients_for_30_s_against_1000_resident_adapters(bank_reference, tmp_
     print(f"{sum(count for count, _ in results)} requests answered by 32 clients in 30 s")
     assert all(count > 0 for count, _ in results)
     assert [wrong for _, wrong in results if wrong] == []
+
+
+CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}]]
+
+
+def test_chat_on_smollm2_equals_transformers_and_peft_with_the_adapters_exported(smollm2_nemo, tmp_path):
+    """SmolLM2-135M-Instruct (its chat template) with two tl6 adapters: the server's greedy chat answers, for each
+    adapter and the base, equal transformers + peft's on the same adapters exported as PEFT LoRA."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_tiedlora.core.model_shape import model_shape
+    from nemo_tiedlora.nemo.base_archive import base_config
+    from nemo_tiedlora.tools.export import export_hf_peft
+    from tests.bank_runs import random_archive
+
+    shape = model_shape(base_config(smollm2_nemo))
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for seed in (1, 2):
+        random_archive(folder / f"chat{seed}.nemo", "tl6", 8, shape, seed=seed, scale=0.15)
+    running = Server(smollm2_nemo, folder, tmp_path / "server.log")
+    try:
+        served = {(model, k): running.client.chat.completions.create(
+            model=model, messages=chat, max_tokens=12, temperature=0).choices[0].message.content
+            for model in ("smollm2", "chat1", "chat2") for k, chat in enumerate(CHATS)}
+    finally:
+        running.stop()
+    export_hf_peft(adapter=folder / "chat1.nemo", base=smollm2_nemo, out=tmp_path / "peft1", base_out=tmp_path / "hf")
+    export_hf_peft(adapter=folder / "chat2.nemo", base=smollm2_nemo, out=tmp_path / "peft2")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype="float32").eval()
+    reference = {}
+    for k, chat in enumerate(CHATS):
+        reference[("smollm2", k)] = _hf_answer(model, tokenizer, chat)
+    peft = PeftModel.from_pretrained(model, tmp_path / "peft1", adapter_name="chat1")
+    peft.load_adapter(tmp_path / "peft2", adapter_name="chat2")
+    for name in ("chat1", "chat2"):
+        peft.set_adapter(name)
+        for k, chat in enumerate(CHATS):
+            reference[(name, k)] = _hf_answer(peft, tokenizer, chat)
+    assert served == reference
+    assert len({served[(m, 0)] for m in ("smollm2", "chat1", "chat2")}) > 1, "the adapters change no answer"
+
+
+def _hf_answer(model, tokenizer, chat) -> str:
+    import torch
+
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -114,7 +114,7 @@ def build_base_model(
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         progress.set_postfix(loss=f"{loss_value:.3f}")
     gpt.eval()
 
