@@ -348,7 +348,13 @@ def report(result: dict) -> str:
               f"adapter (target >= 0.9), {med['ours_32_adapters'] / med['ours_base']:.2f}x the base alone (target >= "
               f"0.8), {med['ours_32_adapters'] / med['hf_peft_32_adapters']:.2f}x HF peft's mixed batch (target >= 2)"
               + (f", {med['ours_32_adapters'] / med['vllm_32_adapters']:.2f}x vLLM." if "vllm_32_adapters" in med
-                 else "."), "", "## Latency (streamed, median over requests)", "",
+                 else "."), "",
+              "Rates count the tokens each system generated: ours stops a request at its end-of-sequence token, HF "
+              "peft and vLLM were told to generate exactly the budget (min tokens).", "",
+              "## Latency (streamed, median over requests)", "",
+              "vLLM's resident memory includes what it reserves up front on CPU (KV cache "
+              "`VLLM_CPU_KVCACHE_SPACE=2` GiB, `--gpu-memory-utilization 0.3`); ours is the server process with the "
+              "base and 32 adapters.", "",
               "| server | clients | time to first token (s) | per-token latency (s) | resident memory (MB) |",
               "|---|---|---|---|---|"]
     for server in ("latency_ours", "latency_vllm"):
