@@ -138,7 +138,8 @@ def test_exports_read_a_legacy_tp2pp2_base_like_the_original(dist_base, adapter,
             assert result.returncode == 0, log.read_text()[-3000:]
         # a SentencePiece-tokenizer base: the HF folder gets no tokenizer files, and the log says what to copy there
         assert not list(hf_base.glob("tokenizer*"))
-        assert "copy the model's Hugging Face tokenizer files there" in (work / f"export_{label}_hf-peft.log").read_text()
+        export_log = (work / f"export_{label}_hf-peft.log").read_text()
+        assert "copy the model's Hugging Face tokenizer files there" in export_log
         with tarfile.open(lora) as tar:
             member = next(m for m in tar.getmembers() if m.name.lstrip("./") == "model_weights.ckpt")
             lora_state = torch.load(tar.extractfile(member), weights_only=True)

@@ -1,8 +1,9 @@
 """The NeMo entry script end to end with more than one process: `trainer.devices=N` on CPU (relaunched under
 torchrun) with the parallel layouts the README calls supported (TP2 + SP, TP2 x PP2, PP2 with the distributed
-optimizer; TP2 x DP2 and PP2 x DP2 across two nodes in tests/multinode), against the same command at TP=1. Compared: the adapter .nemo each run writes (one logical,
-TP/PP-independent state). As in test_equivalence.py, Adam runs with eps far above every |grad| (momentum SGD,
-linear in the gradients), so that rounding-level gradient differences of a split run stay rounding-level."""
+optimizer; TP2 x DP2 and PP2 x DP2 across two nodes in tests/multinode), against the same command at TP=1.
+Compared: the adapter .nemo each run writes (one logical, TP/PP-independent state). As in test_equivalence.py, Adam
+runs with eps far above every |grad| (momentum SGD, linear in the gradients), so that rounding-level gradient
+differences of a split run stay rounding-level."""
 
 from __future__ import annotations
 

@@ -45,9 +45,9 @@ def test_finite_check_syncs_once_on_cuda(dtype):
 
 @pytest.mark.parametrize("timed", [False, True])
 def test_reduction_seconds_are_measured_after_a_device_synchronize(timed):
-    """reduction_stats.STATS.timed brackets each adapter gradient reduction with torch.cuda.synchronize (two per reduction);
-    untimed (training) it synchronizes nowhere, counts calls and bytes and leaves the seconds at 0. On a real gloo
-    group of one rank in this process, CUDA tensors."""
+    """reduction_stats.STATS.timed brackets each adapter gradient reduction with torch.cuda.synchronize (two per
+    reduction); untimed (training) it synchronizes nowhere, counts calls and bytes and leaves the seconds at 0. On a
+    real gloo group of one rank in this process, CUDA tensors."""
     import torch.distributed as dist
 
     from nemo_tiedlora.nemo import grad_sync

@@ -116,7 +116,8 @@ def test_loopback_rendezvous_refused_on_a_second_node(launched):
      r"processes: run srun -N1 --ntasks-per-node=2, or set trainer.num_nodes=2 trainer.devices=2$"),
     (SRUN_2x2_RANK3, {"num_nodes": 2, "devices": 8}, r"set trainer.num_nodes=2 trainer.devices=2$"),
     ({**SRUN_2x2_RANK3, "SLURM_NTASKS": "3", "SLURM_NTASKS_PER_NODE": "2,1", "SLURM_TASKS_PER_NODE": "2,1"},
-     {"num_nodes": 2, "devices": 2}, r"tasks per node 2,1\).*--ntasks-per-node=2 \(every node the same number of tasks\)$"),
+     {"num_nodes": 2, "devices": 2},
+     r"tasks per node 2,1\).*--ntasks-per-node=2 \(every node the same number of tasks\)$"),
     (TORCHRUN_2x2_RANK2, {"num_nodes": 1, "devices": 2},
      r"torchrun started 4 processes \(2 on this node\) but the trainer asks for trainer.num_nodes=1"),
 ], ids=["srun_nodes", "srun_devices", "srun_uneven", "torchrun_nodes"])

@@ -27,7 +27,8 @@ TEXTS = [
     "Hello world",
     "line one\nline two\n\n  indented\ttab\r\nwindows line",
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|><|endoftext|>",
-    "Café, naïve, Zürich, 日本語のテキスト, Привет, مرحبا, emoji 🚀🎉, ½ and ¾, Ω≈ç√∫",
+    "Café, naïve, Zürich, 日本語のテキスト, Привет, مرحبا, "
+    "emoji 🚀🎉, ½ and ¾, Ω≈ç√∫",
     "In 2024 we sold 1,234,567 units (3.14%) at $99.99; call 555-0100.",
     "don't won't I'm you'll they've it's O'Neil's",
     "   multiple    spaces   and trailing ",
@@ -36,7 +37,8 @@ TEXTS = [
 CHATS = [
     [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
      {"role": "user", "content": "What is 12 + 30?\nAnswer briefly."}],
-    [{"role": "user", "content": "Übersetze: ½ Liter Milch"}, {"role": "assistant", "content": "Half a litre of milk."},
+    [{"role": "user", "content": "Übersetze: ½ Liter Milch"},
+     {"role": "assistant", "content": "Half a litre of milk."},
      {"role": "user", "content": "Und 2 Liter?"}],
 ]
 

@@ -103,7 +103,8 @@ def test_structure_counts_and_step0(preset, tiny, tmp_path, base_logits):
     assert trainable and all(any(n.endswith(s) for s in expected_suffixes) for n in trainable)
     assert {s for s in expected_suffixes if any(n.endswith(s) for n in trainable)} == set(expected_suffixes)
 
-    d, out = spec.hidden_size, spec.hidden_size + 2 * spec.num_query_groups * (spec.hidden_size // spec.num_attention_heads)
+    d = spec.hidden_size
+    out = d + 2 * spec.num_query_groups * (d // spec.num_attention_heads)
     assert out == 128  # GQA: not 3d
     assert instantiated_counts(model)["total"] == closed_form(preset, d=d, layers=2, r=4, out=out)
 
@@ -226,7 +227,8 @@ def test_bad_config_fails_before_training(tuning, words, tiny, tmp_path):
     [
         (dict(tensor_model_parallel_size=4), ["tensor_model_parallel_size=4", "num_query_groups=2", "[1, 2]"]),
         (dict(pipeline_model_parallel_size=3), ["pipeline_model_parallel_size=3", "num_layers=2"]),
-        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), ["virtual_pipeline", "no longer supported", "remove it"]),
+        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+         ["virtual_pipeline", "no longer supported", "remove it"]),
         (dict(tensor_model_parallel_size=2, megatron_amp_O2=True), ["megatron_amp_o2", "mcore_distributed_optim"]),
     ],
 )

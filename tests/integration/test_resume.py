@@ -2,7 +2,8 @@
 uninterrupted one (optimizer and scheduler state included).
 
 The interruption falls after a validation at step 3 (where the checkpoint is written), mid-epoch: this is the case in
-which NeMo's batch sampler and Lightning's restored loop state used to disagree (compat fix ``resume-epoch-length``).
+which NeMo's batch sampler and Lightning's restored loop state must agree on the epoch length (compat fix
+``resume-epoch-length`` makes them agree).
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def test_hydra_merge_script_writes_a_legacy_archive_with_the_adapter_logits(trai
 
     base, adapter, logits, tokens, positions, _, work = trained
     out = work / "merged_legacy.nemo"
-    script = Path(__file__).resolve().parents[2] / "examples/nlp/language_modeling/tuning/megatron_gpt_tiedlora_merge.py"
+    script = (Path(__file__).resolve().parents[2]
+              / "examples/nlp/language_modeling/tuning/megatron_gpt_tiedlora_merge.py")
     env = script_env()
     result = subprocess.run([sys.executable, str(script), f"base={base}", f"adapter={adapter}", f"out={out}",
                              "format=legacy"], capture_output=True, text=True, env=env, cwd=work, timeout=600)

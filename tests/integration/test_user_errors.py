@@ -175,5 +175,6 @@ def test_error_after_the_torchrun_relaunch_is_the_last_line(tiny, tmp_path):
     assert code != 0, output[-3000:]
     assert "relaunching under torchrun" in output and "ChildFailedError" in output  # torchrun's summary came first
     last = _last_line(output)
-    assert last.startswith("error: ") and "non-finite (NaN/Inf) adapter gradient" in last and "model.optim.lr" in last, last
+    assert last.startswith("error: "), last
+    assert "non-finite (NaN/Inf) adapter gradient" in last and "model.optim.lr" in last, last
     assert not list(tmp_path.rglob("*.nemo"))

@@ -25,7 +25,8 @@ from tests.script_env import script_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-PACKAGE_DATA = ("nemo_tiedlora/apps/entry_scripts/megatron_gpt_finetuning.py", "nemo_tiedlora/apps/entry_scripts/megatron_gpt_generate.py",
+PACKAGE_DATA = ("nemo_tiedlora/apps/entry_scripts/megatron_gpt_finetuning.py",
+                "nemo_tiedlora/apps/entry_scripts/megatron_gpt_generate.py",
                 "nemo_tiedlora/apps/entry_scripts/megatron_gpt_tiedlora_merge.py",
                 "nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_finetuning_config.yaml",
                 "nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_generate_config.yaml",
@@ -115,12 +116,13 @@ def test_demo_sweep_bench_tools_and_entry_scripts_from_the_wheel(installed, defa
         assert (work / written).exists(), written
 
     # the entry scripts as modules of the installed package
-    _run([python, "-m", "nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge", f"base={base}", f"adapter={adapter}",
-          "out=merged_by_script.nemo"], cwd=work, env=env)
+    _run([python, "-m", "nemo_tiedlora.apps.entry_scripts.megatron_gpt_tiedlora_merge", f"base={base}",
+          f"adapter={adapter}", "out=merged_by_script.nemo"], cwd=work, env=env)
     assert (work / "merged_by_script.nemo").is_file()
     data = work / "demo" / "data"
-    output = _run([python, "-m", "nemo_tiedlora.apps.entry_scripts.megatron_gpt_generate", f"model.restore_from_path={base}",
-                   f"model.peft.restore_from_path={adapter}", "trainer.accelerator=cpu", "trainer.devices=1",
+    output = _run([python, "-m", "nemo_tiedlora.apps.entry_scripts.megatron_gpt_generate",
+                   f"model.restore_from_path={base}", f"model.peft.restore_from_path={adapter}",
+                   "trainer.accelerator=cpu", "trainer.devices=1",
                    f"model.data.test_ds.file_names=[{data / 'test.jsonl'}]", "model.data.test_ds.names=[test]",
                    "model.data.test_ds.tokens_to_generate=3", "model.data.test_ds.write_predictions_to_file=True",
                    f"model.data.test_ds.output_file_path_prefix={work / 'predictions'}"], cwd=work, env=env)

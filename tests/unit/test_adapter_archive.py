@@ -7,7 +7,8 @@ import tarfile
 import pytest
 import torch
 
-from nemo_tiedlora.formats.adapter_archive import expected_keys, is_tiedlora_archive, load_archive, save_archive, check_base_shape
+from nemo_tiedlora.formats.adapter_archive import (
+    expected_keys, is_tiedlora_archive, load_archive, save_archive, check_base_shape)
 from nemo_tiedlora.core.config import TiedLoraConfig
 from nemo_tiedlora.core.errors import TiedLoraCheckpointError
 

@@ -1,8 +1,9 @@
 """The fused update under CPU autocast (bf16, the YAML's bf16-mixed, and fp16), against the float64 formula.
 
-The dtype contract (core/autograd.py's docstring): the public functions compute in autocast's dtype and return it; the autograd
-functions compute in their inputs' dtype whatever autocast says, in forward and in backward; every gradient reaches its
-tensor in that tensor's own dtype. The CUDA variant of the same checks is tests/gpu/test_autocast_cuda.py.
+The dtype contract (core/autograd.py's docstring): the public functions compute in autocast's dtype and return it;
+the autograd functions compute in their inputs' dtype whatever autocast says, in forward and in backward; every
+gradient reaches its tensor in that tensor's own dtype. The CUDA variant of the same checks is
+tests/gpu/test_autocast_cuda.py.
 """
 
 from __future__ import annotations

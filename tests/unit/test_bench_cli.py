@@ -53,8 +53,8 @@ def test_base_row_shows_no_adapter_memory():
 
 
 def _fake_builder(monkeypatch, *, interrupt: bool):
-    """Stands in for the runner running `python -m nemo_tiedlora.apps.demo.base_model --out X`: stages model_weights/ next to X like NeMo's
-    save_to, then either stops (Ctrl-C) or writes X and its manifest."""
+    """Stands in for the runner running `python -m nemo_tiedlora.apps.demo.base_model --out X`: stages
+    model_weights/ next to X like NeMo's save_to, then either stops (Ctrl-C) or writes X and its manifest."""
     calls = []
 
     def fake_run(command, *, log, **kwargs):

@@ -1,4 +1,5 @@
-"""Config validation, presets, NeMo YAML mapping, metadata round-trip and parameter counts (docs/design.md section 2)."""
+"""Config validation, presets, NeMo YAML mapping, metadata round-trip and parameter counts
+(docs/design.md section 2)."""
 
 from __future__ import annotations
 

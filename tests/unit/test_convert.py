@@ -1,6 +1,7 @@
 """Base conversion without NeMo: layouts, Megatron's TP split rules written out by hand, archive errors.
 
-(NeMo loading the converted archives at their layout, with the original logits, is tests/distributed/test_convert_merge.py.)
+(NeMo loading the converted archives at their layout, with the original logits, is
+tests/distributed/test_convert_merge.py.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ QKV = D + 2 * GROUPS * HEAD_DIM
 def cfg(num_layers=4, **extra):
     values = dict(num_layers=num_layers, hidden_size=D, ffn_hidden_size=FFN, num_attention_heads=HEADS,
                   num_query_groups=GROUPS, activation="fast-swiglu", make_vocab_size_divisible_by=4,
-                  share_embeddings_and_output_weights=False, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+                  share_embeddings_and_output_weights=False, tensor_model_parallel_size=1,
+                  pipeline_model_parallel_size=1)
     values.update(extra)
     return OmegaConf.create(values)
 
@@ -77,11 +79,13 @@ def test_shards_follow_megatrons_split_rules():
     torch.testing.assert_close(last["model.decoder.layers.0.mlp.linear_fc1.weight"],
                                torch.cat([fc1[6:12], fc1[FFN + 6:FFN + 12]]))
     # row parallel: columns split
-    torch.testing.assert_close(last["model.decoder.layers.0.mlp.linear_fc2.weight"], state[g + "mlp.linear_fc2.weight"][:, 6:])
+    torch.testing.assert_close(last["model.decoder.layers.0.mlp.linear_fc2.weight"],
+                               state[g + "mlp.linear_fc2.weight"][:, 6:])
     torch.testing.assert_close(last["model.decoder.layers.0.self_attention.linear_proj.weight"],
                                state[g + "self_attention.linear_proj.weight"][:, D // 2:])
     # replicated
-    torch.testing.assert_close(last["model.decoder.final_layernorm.weight"], state["model.decoder.final_layernorm.weight"])
+    torch.testing.assert_close(last["model.decoder.final_layernorm.weight"],
+                               state["model.decoder.final_layernorm.weight"])
     # vocabulary padded with zero rows to 16, rank 1 holds rows 8..15
     out = last["model.output_layer.weight"]
     assert out.shape == (8, D)

@@ -1,7 +1,7 @@
-"""Tokenizer files that every transformers release reads alike (`nemo_tiedlora.formats.hf.tokenizer`), on small tokenizers
-built here with `tokenizers`. References: the `tokenizers` library itself (ids of the tokenizer object) and llama.cpp's
-pre-tokenizer regular expressions applied with `regex` (tests/gguf_bpe.py). The same rules on SmolLM2's real GGUF
-vocabulary, under transformers 4.x and 5.x, are tests/integration/test_hf_tokenizer_versions.py.
+"""Tokenizer files that every transformers release reads alike (`nemo_tiedlora.formats.hf.tokenizer`), on small
+tokenizers built here with `tokenizers`. References: the `tokenizers` library itself (ids of the tokenizer object) and
+llama.cpp's pre-tokenizer regular expressions applied with `regex` (tests/gguf_bpe.py). The same rules on SmolLM2's
+real GGUF vocabulary, under transformers 4.x and 5.x, are tests/integration/test_hf_tokenizer_versions.py.
 """
 
 from __future__ import annotations

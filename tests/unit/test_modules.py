@@ -65,7 +65,8 @@ def test_step0_zero_and_merge_equals_forward(preset):
 @pytest.mark.parametrize("preset", ["tl6", "lora", "vera"])
 def test_tp_sum_only_for_gradients_that_are_partial_over_tp(preset):
     """A and u are applied before the TP region: without SP their gradients are complete on every TP rank (no TP
-    sum); with SP they are partial over sequence shards. B and v are always partial by rows (docs/design.md section 5)."""
+    sum); with SP they are partial over sequence shards. B and v are always partial by rows (docs/design.md
+    section 5)."""
     from nemo_tiedlora.core.modules import FACTOR_OF_PARAM
     from nemo_tiedlora.nemo.grad_sync import _needs_tp_sum
 

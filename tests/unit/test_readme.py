@@ -207,7 +207,10 @@ argparse.ArgumentParser.parse_args = parse_args
 kind, target, *argv = sys.argv[1:]
 sys.argv = [target, *argv]
 try:
-    runpy.run_module(target, run_name="__main__", alter_sys=True) if kind == "-m" else runpy.run_path(target, run_name="__main__")
+    if kind == "-m":
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(target, run_name="__main__")
 except Parsed:
     sys.exit(0)
 sys.exit("the command never parsed its arguments with argparse")

@@ -43,7 +43,7 @@ def test_launcher_runs_the_script_as_main_with_the_reference_update_in_modules(t
     script.write_text("import sys\nimport nemo_tiedlora.core.autograd as f\nimport nemo_tiedlora.core.modules as m\n"
                       "print(__name__, m.fused_tied_lora_update is f.fused_tied_lora_update, "
                       "m.fused_tied_lora_update.__name__, sys.argv[1:])\n")
-    result = subprocess.run([sys.executable, "-m", "nemo_tiedlora.apps.demo.reference_update", str(script), "a=1", "b=2"],
-                            capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "nemo_tiedlora.apps.demo.reference_update", str(script), "a=1", "b=2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == "__main__ False reference_update ['a=1', 'b=2']"

@@ -1,4 +1,5 @@
-"""``python -m nemo_tiedlora sweep``: config validation, grid, closed-form counts, % of best LoRA, resume, atomic writes.
+"""``python -m nemo_tiedlora sweep``: config validation, grid, closed-form counts, % of best LoRA, resume, atomic
+writes.
 
 No NeMo run here: the sweep's runner is replaced by a fake that returns a metric (the real runner is exercised by
 tests/integration/test_sweep.py).
@@ -210,7 +211,8 @@ class FakeRunner:
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
         if spec.name in self.fail:
-            raise RuntimeError(f"fine-tune {spec.name} failed (exit 1); last lines of x.log:\n  a\nValueError: bad lr\n")
+            raise RuntimeError(f"fine-tune {spec.name} failed (exit 1); last lines of x.log:\n"
+                               "  a\nValueError: bad lr\n")
         return {"metric": 10.0 * spec.rank + spec.lr, "steps_run": 4, "early_stopped": True, "best_val_loss": 1.5}
 
 
@@ -299,7 +301,8 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
         (RuntimeError("generate r failed (exit 1); tail:\nRuntimeError: cannot reshape tensor of 0 elements"),
          "failed: generate r failed (exit 1): RuntimeError: cannot reshape tensor of 0 elements (prompts truncated "
          "to nothing: raise training/generation max_seq_length)"),
-        (RuntimeError("fine-tuning wrote no adapter .nemo under /r"), "failed: fine-tuning wrote no adapter .nemo under /r"),
+        (RuntimeError("fine-tuning wrote no adapter .nemo under /r"),
+         "failed: fine-tuning wrote no adapter .nemo under /r"),
         (KeyError("id"), "failed: KeyError: 'id'"),
     ],
 )
