@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -323,28 +324,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="highest adapter rank the bank holds (default: the highest at startup; loaded later: <= it)")
     p.add_argument("--enable-lora-loading", action="store_true",
                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size: the command relaunches itself under torchrun with this many ranks; "
+                        "rank 0 serves, the others follow the batches it broadcasts (default 1)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     return run(parser().parse_args(argv))
 
 
+def _engine(args: argparse.Namespace, files: dict) -> Any:
+    """The base and the adapters, loaded under a progress bar (rank 0's alone at TP > 1)."""
+    from tqdm import tqdm
+
+    from nemo_tiedlora.nemo.bank_generate import BankEngine, restore_parallel
+
+    options = dict(max_rank=args.max_lora_rank, max_loras=args.max_loras)
+    if args.tp > 1:
+        quiet = os.environ.get("RANK", "0") != "0"
+        with tqdm(total=len(files), desc="loading adapters", unit="adapter", disable=quiet) as bar:
+            return restore_parallel(args.base, files, tp=args.tp, progress=lambda name: bar.update(1), **options)
+    with tqdm(total=len(files), desc="loading adapters", unit="adapter") as bar:
+        return BankEngine.restore(args.base, files, progress=lambda name: bar.update(1), **options)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the base and the adapters (a progress bar), then serve until stopped."""
     import uvicorn
-    from tqdm import tqdm
 
     from nemo_tiedlora.formats.bank_entry import adapter_files
-    from nemo_tiedlora.nemo.bank_generate import BankEngine
 
     try:
         files = adapter_files([str(path) for path in args.adapters]) if args.adapters else {}
-        with tqdm(total=len(files), desc="loading adapters", unit="adapter") as bar:
-            engine = BankEngine.restore(args.base, files, max_rank=args.max_lora_rank, max_loras=args.max_loras,
-                                        progress=lambda name: bar.update(1))
+        engine = _engine(args, files)
     except (TiedLoraConfigError, TiedLoraCheckpointError) as error:
         print(f"error: {error}", flush=True)
         return 2
+    if args.tp > 1:
+        import torch.distributed as dist
+
+        from nemo_tiedlora.nemo.bank_generate import LeadingEngine, follow
+
+        if dist.get_rank() != 0:
+            follow(engine)
+            return 0
+        engine = LeadingEngine(engine)
     base_name = args.served_model_name or args.base.name.removesuffix(".nemo")
     logger.info("serving %s with %d adapters resident (%.1f MB of adapter weights) on http://%s:%d",
                 base_name, len(engine.bank), engine.bank.adapter_bytes() / 1e6, args.host, args.port)

@@ -155,3 +155,82 @@ def _streaming_strategy(model: Any, requests: Sequence[GenerationRequest], eos_i
 
     base.__class__ = Streaming
     return base
+
+
+# ---- tensor parallelism: rank 0 serves, the other ranks follow -----------------------------------------------------
+def restore_parallel(base: Path, adapters: dict[str, Path], *, tp: int, max_rank: Optional[int] = None,
+                     max_loras: Optional[int] = None, progress: Optional[Callable[[str], None]] = None) -> BankEngine:
+    """Restore `base` at tensor-parallel size `tp` (this process relaunches itself under torchrun with `tp` ranks
+    when no launcher started it; every rank returns from here) with `adapters` in each rank's bank."""
+    from omegaconf import open_dict
+
+    from nemo_tiedlora.nemo.finetune import load_for_inference, tuning_config
+
+    if max_loras is not None and len(adapters) > max_loras:
+        raise TiedLoraConfigError(f"{len(adapters)} adapters found but --max-loras is {max_loras}: raise it "
+                                  "or serve fewer")
+    cfg = tuning_config("generate")
+    with open_dict(cfg):
+        cfg.model.restore_from_path = str(base)
+        cfg.model.peft.restore_from_path = None
+        cfg.trainer.devices = tp
+        cfg.trainer.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        cfg.trainer.precision = 32
+        cfg.model.tensor_model_parallel_size = tp
+        cfg.model.pipeline_model_parallel_size = 1
+        cfg.model.data.test_ds.file_names = []  # no test set: the server brings the prompts
+        cfg.model.data.test_ds.names = []
+    _, model = load_for_inference(cfg)
+    bank = load_bank(adapters, model_shape(model.cfg), max_rank=max_rank, progress=progress)
+    return BankEngine(model, attach_bank(model, bank))
+
+
+class LeadingEngine:
+    """Rank 0's engine at TP > 1: each generation and each change of the bank is first broadcast to the other ranks
+    (which run :func:`follow`), then done here; NeMo's generate then broadcasts the batch's tokens itself."""
+
+    def __init__(self, engine: BankEngine) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def _tell(self, command: tuple) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([command], src=0)
+
+    def generate(self, requests: Sequence[GenerationRequest], sampling: Sampling) -> None:
+        self._tell(("generate", [(r.prompt_ids, r.adapter, r.max_tokens) for r in requests], sampling))
+        self.engine.generate(requests, sampling)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        self._tell(("load", name, str(path)))
+        self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self._tell(("unload", name))
+        self.engine.unload_adapter(name)
+
+
+def follow(engine: BankEngine) -> None:
+    """The loop of a rank other than 0 at TP > 1: do what rank 0 broadcasts, in the same order, until it stops
+    (the process ends with the job). A failure here is rank 0's failure too (same inputs), so it is logged and the
+    loop goes on, as rank 0's server does."""
+    import torch.distributed as dist
+
+    while True:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0)
+        kind, *payload = box[0]
+        try:
+            if kind == "generate":
+                items, sampling = payload
+                engine.generate([GenerationRequest(prompt_ids=ids, adapter=adapter, max_tokens=budget)
+                                 for ids, adapter, budget in items], sampling)
+            elif kind == "load":
+                engine.load_adapter(payload[0], Path(payload[1]))
+            elif kind == "unload":
+                engine.unload_adapter(payload[0])
+        except Exception:  # noqa: BLE001 - rank 0 reports it to its client; this rank stays in step
+            logger.debug("rank %d: %s failed", dist.get_rank(), kind, exc_info=True)

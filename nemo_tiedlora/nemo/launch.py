@@ -52,7 +52,7 @@ def relaunch_under_torchrun_if_needed(trainer_cfg: Any) -> None:
             "(e.g. torchrun --nnodes=N --nproc_per_node=D --rdzv_endpoint=HOST:PORT <script> ...)"
         )
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", sys.argv[0], *sys.argv[1:]]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *_this_program(), *sys.argv[1:]]
     # exp_manager names each run's folder after the time it starts; every rank must pick the same one
     # (the PEFT checkpoints of all TP/PP ranks go into it), so the launcher fixes it for all of them.
     import time
@@ -63,6 +63,16 @@ def relaunch_under_torchrun_if_needed(trainer_cfg: Any) -> None:
     sys.stderr.flush()
     # a fresh small process supervises torchrun (this one, holding NeMo, is replaced and its memory freed)
     os.execv(sys.executable, [sys.executable, "-m", "nemo_tiedlora.nemo.launch", *command])
+
+
+def _this_program() -> list[str]:
+    """How torchrun starts this program again: ``-m <module>`` when it was started with ``python -m`` (its file
+    run as a script would put the package's folder first on sys.path, where ``nemo_tiedlora/nemo`` hides NeMo),
+    else the script's path."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name.removesuffix(".__main__")]
+    return [sys.argv[0]]
 
 
 def supervise(command: list[str]) -> int:

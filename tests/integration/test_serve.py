@@ -3,9 +3,10 @@
 Reference: each item's answer from the generate entry script run with its adapter alone (tests/bank_runs.py: three
 adapters of three kinds on the tiny 4-layer base). Checked: concurrent completions that mix adapters, streaming,
 the model list, OpenAI-style errors (unknown model 404, malformed body 400, prompt + max_tokens beyond the context
-400 naming the limit, no chat template 400, queue full 429), loading and unloading adapters on a live server, a
-server killed with SIGKILL that starts again and answers the same, and a bounded load test: 32 clients for 30 s
-against 1,000 resident adapters, every request answered and the reference adapters' answers unchanged.
+400 naming the limit, no chat template 400, queue full 429), loading and unloading adapters on a live server, the
+server at TP2 (rank 0 serves, rank 1 follows), a server killed with SIGKILL that starts again and answers the same,
+a bounded load test (32 clients for 30 s against 1,000 resident adapters, every request answered and the reference
+adapters' answers unchanged), and on SmolLM2 the chat endpoint against transformers + peft.
 """
 
 from __future__ import annotations
@@ -152,6 +153,29 @@ def test_adapters_load_and_unload_on_a_live_server(server, bank_reference, tmp_p
         running.complete("copy", item["input"])
     gone = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "copy"}, timeout=60)
     assert gone.status_code == 404 and "cannot be found" in gone.json()["error"]["message"]
+
+
+def test_at_tp2_rank_0_serves_and_the_other_rank_follows(bank_reference, tmp_path):
+    """`--tp 2`: the command relaunches itself under torchrun; rank 0 answers as at TP1 (concurrent, mixed
+    adapters), and an adapter loaded and unloaded on the live server reaches rank 1 too (the next batches still
+    answer, which needs both ranks in step)."""
+    import httpx
+
+    base, folder, items, answers = bank_reference
+    running = Server(base, folder, tmp_path / "server.log", "--tp", "2", "--enable-lora-loading")
+    try:
+        with ThreadPoolExecutor(len(items)) as pool:
+            replies = list(pool.map(lambda item: running.complete(_model(item), item["input"]), items))
+        assert [reply.choices[0].text for reply in replies] == [answers[_key(item)] for item in items]
+        url = f"http://127.0.0.1:{running.port}/v1"
+        body = {"lora_name": "copy", "lora_path": str(folder / "vera.nemo")}
+        assert httpx.post(f"{url}/load_lora_adapter", json=body, timeout=120).status_code == 200
+        item = next(item for item in items if item.get("adapter") == "vera")
+        assert running.complete("copy", item["input"]).choices[0].text == answers[_key(item)]
+        assert httpx.post(f"{url}/unload_lora_adapter", json=body, timeout=120).status_code == 200
+        assert running.complete("tl6", items[0]["input"]).choices[0].text == answers[_key(items[0])]
+    finally:
+        running.stop()
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -23,7 +23,8 @@ def main(cfg) -> None:
         base=Path(cfg.base), adapters=[] if adapters is None else [adapters] if isinstance(adapters, str) else adapters,
         host=cfg.host, port=int(cfg.port), served_model_name=cfg.served_model_name,
         max_batch_size=int(cfg.max_batch_size), max_wait_ms=float(cfg.max_wait_ms), max_queue=int(cfg.max_queue),
-        max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank, enable_lora_loading=bool(cfg.enable_lora_loading))
+        max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank, enable_lora_loading=bool(cfg.enable_lora_loading),
+        tp=int(cfg.tp))
     raise SystemExit(serve.run(args))
 
 
