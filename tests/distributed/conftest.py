@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ def torchrun(script: Path, nproc: int, args: list[str], log: Path) -> subprocess
 
 
 def run_driver(dist_base, name: str, nproc: int, *args: str) -> dict:
+    """The driver's result for `name` run with `args` on `nproc` ranks, run once per session: the result is kept
+    under the name and the arguments together, so two tests share a run only when they ask for the same one."""
     base, data, work = dist_base
-    out, log = work / f"{name}.pt", work / f"{name}.log"
+    key = hashlib.sha256(" ".join([str(nproc), *args]).encode()).hexdigest()[:12]
+    out, log = work / f"{name}-{key}.pt", work / f"{name}-{key}.log"
     if not out.exists():
         result = torchrun(DRIVER, nproc, ["--base", str(base), "--data", str(data), "--out", str(out), *args], log)
         assert result.returncode == 0, f"{name} failed, see {log}:\n" + "".join(log.read_text().splitlines(True)[-30:])

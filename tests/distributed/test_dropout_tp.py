@@ -36,7 +36,7 @@ def test_dropout_changes_training_at_tp1(dist_base, dropout_reference):
     """Control: with dropout 0.1 the TP1 run's losses (after the first step, where B = 0 makes the update zero) and
     final adapter tensors differ from the same run without dropout by more than 10x the 1e-5 tolerance below
     (observed: up to 1.7e-3 in the losses, 2.9e-2 of A's largest magnitude)."""
-    plain = run_driver(dist_base, "tp1", 1, *SGD_LIKE)  # test_equivalence's TP1 reference, shared when run together
+    plain = run_driver(dist_base, "tp1", 1, *SGD_LIKE)  # the unclipped TP1 run (shared with test_optimizer_paths)
     losses, plain_losses = torch.tensor(dropout_reference["losses"]), torch.tensor(plain["losses"])
     assert not torch.allclose(losses[1:], plain_losses[1:], rtol=1e-4, atol=0.0)
     assert not torch.allclose(dropout_reference["state"]["A"], plain["state"]["A"], rtol=1e-3, atol=1e-4)
