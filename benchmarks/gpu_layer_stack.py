@@ -85,7 +85,7 @@ class Stack:
             self.optimizers[name].zero_grad(set_to_none=True)
         self._sync()
         seconds = time.perf_counter() - started
-        return {"seconds": seconds, "loss": float(loss),
+        return {"seconds": seconds, "loss": float(loss.detach()),
                 "peak": torch.cuda.max_memory_allocated() if on_gpu else None}
 
     def adapter_grads(self) -> dict[str, list[str]]:

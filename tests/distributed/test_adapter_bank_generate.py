@@ -12,7 +12,7 @@ import pytest
 
 from tests.smollm2_assets import smollm2_gguf, smollm2_nemo  # noqa: F401 (pytest fixtures)
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
