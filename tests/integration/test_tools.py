@@ -39,7 +39,8 @@ def trained(tiny, tmp_path_factory):
     tokens = torch.randint(4, 200, (2, spec.seq_length), generator=generator)
     positions = torch.arange(spec.seq_length).unsqueeze(0).expand(2, -1)
     logits = _logits(model, tokens, positions)
-    norms = {n: (float(a.factors[2].norm()), float(a.factors[3].norm())) for n, a in iter_layer_adapters(model)}
+    norms = {n: (float(a.factors[2].detach().norm()), float(a.factors[3].detach().norm()))
+             for n, a in iter_layer_adapters(model)}
     path = save_adapter(model, work / "adapter.nemo")
     return base, path, logits, tokens, positions, norms, work
 
