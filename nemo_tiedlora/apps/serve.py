@@ -339,13 +339,12 @@ def _engine(args: argparse.Namespace, files: dict) -> Any:
 
     from nemo_tiedlora.nemo.bank_generate import BankEngine, restore_parallel
 
-    options = dict(max_rank=args.max_lora_rank, max_loras=args.max_loras)
-    if args.tp > 1:
-        quiet = os.environ.get("RANK", "0") != "0"
-        with tqdm(total=len(files), desc="loading adapters", unit="adapter", disable=quiet) as bar:
-            return restore_parallel(args.base, files, tp=args.tp, progress=lambda name: bar.update(1), **options)
-    with tqdm(total=len(files), desc="loading adapters", unit="adapter") as bar:
-        return BankEngine.restore(args.base, files, progress=lambda name: bar.update(1), **options)
+    quiet = os.environ.get("RANK", "0") != "0"  # a rank torchrun started, other than 0
+    with tqdm(total=len(files), desc="loading adapters", unit="adapter", disable=quiet) as bar:
+        options = dict(max_rank=args.max_lora_rank, max_loras=args.max_loras, progress=lambda name: bar.update(1))
+        if args.tp > 1:
+            return restore_parallel(args.base, files, tp=args.tp, **options)
+        return BankEngine.restore(args.base, files, **options)
 
 
 def run(args: argparse.Namespace) -> int:

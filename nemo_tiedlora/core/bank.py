@@ -70,8 +70,9 @@ class BankAdapter:
         return BankShape(int(self.a.shape[-1]), int(self.u.shape[0] if self.tied else self.a.shape[0]),
                          int(self.b.shape[-2]))
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.u, self.v) if t is not None)
+    def numel(self) -> int:
+        """How many numbers the adapter's own factors hold."""
+        return sum(t.numel() for t in (self.a, self.b, self.u, self.v) if t is not None)
 
 
 class AdapterBank:
@@ -139,8 +140,7 @@ class AdapterBank:
             self.untied_a[slot].zero_()[:, :r] = cast(adapter.a)
             self.untied_b[slot].zero_()[:, :, :r] = cast(adapter.b)
         self._slots[name] = (adapter.tied, slot)
-        self._bytes[name] = sum(t.numel() for t in (adapter.a, adapter.b, adapter.u, adapter.v) if t is not None) \
-            * self.tied_a.element_size()
+        self._bytes[name] = adapter.numel() * self.tied_a.element_size()
 
     def remove(self, name: str) -> None:
         """Drop adapter `name`; its slot is zeroed and reused by the next add."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -53,6 +53,11 @@ def archive_bank_adapter(archive: AdapterArchive) -> BankAdapter:
     return bank_adapter(archive.tensors, archive.config, num_layers=int(archive.shape["num_layers"]))
 
 
+def is_adapter_set(value: Any) -> bool:
+    """Whether `value` (``model.peft.restore_from_path``) names several adapters: a folder or a list of files."""
+    return bool(value) and (not isinstance(value, (str, Path)) or Path(value).is_dir())
+
+
 def adapter_files(spec: str | Path | Sequence[str | Path]) -> dict[str, Path]:
     """``{name: path}`` of the adapter archives `spec` names: a folder (its ``*.nemo`` files), one file or a list of
     files; the name of each is its file name without ``.nemo``. Two files with one name are refused."""
@@ -83,18 +88,19 @@ def load_bank(files: Mapping[str, Path], base_shape: Mapping[str, int], *, max_r
     `max_rank` defaults to the highest rank among them (then every archive is read before the bank is built; with
     `max_rank` given they stream in one at a time). `progress(name)` is called after each adapter is in."""
     shape = BankShape(int(base_shape["hidden_size"]), int(base_shape["num_layers"]), int(base_shape["out_features"]))
-    read = {name: _checked(name, path, base_shape) for name, path in files.items()} if max_rank is None else None
+    read = {name: read_for_base(name, path, base_shape) for name, path in files.items()} if max_rank is None else None
     rank = max_rank or max((archive.config.rank for archive in read.values()), default=8)
     bank = AdapterBank(shape, max_rank=rank, capacity=max(len(files), 1), dtype=dtype)
     for name, path in files.items():
-        archive = read.pop(name) if read is not None else _checked(name, path, base_shape)
+        archive = read.pop(name) if read is not None else read_for_base(name, path, base_shape)
         bank.add(name, archive_bank_adapter(archive))
         if progress is not None:
             progress(name)
     return bank
 
 
-def _checked(name: str, path: Path, base_shape: Mapping[str, int]) -> AdapterArchive:
+def read_for_base(name: str, path: Path, base_shape: Mapping[str, int]) -> AdapterArchive:
+    """The archive at `path`, validated, refused (naming `name` and the file) if made for another base shape."""
     archive = load_archive(path)
     try:
         check_base_shape(archive.shape, base_shape)

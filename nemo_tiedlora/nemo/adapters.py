@@ -146,6 +146,28 @@ class TiedLoraShared(nn.Module, AdapterModuleMixin):
                 for key, tensor in self.state_dict(prefix="", keep_vars=True).items()}
 
 
+def ask_for_normalized_input(base: nn.Module) -> bool:
+    """With TransformerEngine's fused layernorm-linear as `linear_qkv` (`base`), ask it to also return the normalized
+    input, this rank's shard, not gathered over the sequence (see TiedLoraQKV); whether it is such a module."""
+    if not hasattr(base, "return_layernorm_output"):
+        return False
+    base.return_layernorm_output = True
+    if hasattr(base, "return_layernorm_output_gathered"):
+        base.return_layernorm_output_gathered = False
+    return True
+
+
+def tensor_parallel_rows(out_features: int, tensor_parallel_size: int) -> Optional[slice]:
+    """This TP rank's rows of the fused QKV output (None without tensor parallelism)."""
+    if tensor_parallel_size == 1:
+        return None
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    width = out_features // tensor_parallel_size
+    return slice(rank * width, (rank + 1) * width)
+
+
 class TiedLoraQKV(nn.Module, AdapterModuleMixin):
     """`linear_qkv` with the Tied-LoRA update added: returns `(out + update, bias)` like the wrapped module.
 
@@ -197,11 +219,7 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
         self.sequence_parallel = sequence_parallel
         # Kept out of the module registry: the owner is registered once on the model chunk.
         self._owner_ref: tuple[TiedLoraShared, ...] = (shared_owner,) if shared_owner is not None else ()
-        self.te_fused_norm = hasattr(base, "return_layernorm_output")
-        if self.te_fused_norm:
-            base.return_layernorm_output = True  # the normalized input, this rank's shard (see the class docstring)
-            if hasattr(base, "return_layernorm_output_gathered"):
-                base.return_layernorm_output_gathered = False
+        self.te_fused_norm = ask_for_normalized_input(base)
         self.set_accepted_adapter_types([TiedLoraLayerAdapter])
 
     def __getattr__(self, name: str):
@@ -273,10 +291,7 @@ class TiedLoraQKV(nn.Module, AdapterModuleMixin):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         result, bias = self.base(hidden_states, *args, **kwargs)
-        if self.te_fused_norm:
-            out, normalized = result  # TE returns (linear output, layernorm output)
-        else:
-            out, normalized = result, hidden_states
+        out, normalized = result if self.te_fused_norm else (result, hidden_states)  # TE: (linear, layernorm) outputs
         enabled = self.get_enabled_adapters() if self.is_adapter_available() else []
         if enabled:
             region = self._region()

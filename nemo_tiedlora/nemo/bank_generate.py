@@ -20,8 +20,7 @@ import torch
 from nemo_tiedlora.core.bank import AdapterBank
 from nemo_tiedlora.core.errors import TiedLoraConfigError
 from nemo_tiedlora.core.model_shape import model_shape
-from nemo_tiedlora.formats.bank_entry import archive_bank_adapter, load_bank
-from nemo_tiedlora.formats.adapter_archive import check_base_shape, load_archive
+from nemo_tiedlora.formats.bank_entry import archive_bank_adapter, load_bank, read_for_base
 from nemo_tiedlora.nemo.bank_qkv import BankContext, attach_bank
 
 logger = logging.getLogger("nemo_tiedlora")
@@ -68,9 +67,7 @@ class BankEngine:
         """Restore `base` on CPU (one process, TP1) and load `adapters` into its bank."""
         from nemo_tiedlora.nemo.cpu_restore import restore_base
 
-        if max_loras is not None and len(adapters) > max_loras:
-            raise TiedLoraConfigError(f"{len(adapters)} adapters found but --max-loras is {max_loras}: raise it "
-                                      "or serve fewer")
+        _check_max_loras(adapters, max_loras)
         model = restore_base(Path(base))
         model.eval()
         bank = load_bank(adapters, model_shape(model.cfg), max_rank=max_rank, progress=progress)
@@ -79,9 +76,7 @@ class BankEngine:
     # ---- the bank ---------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: Path) -> None:
         """Add one adapter archive to the live bank (refused with the reason: another base, rank, duplicate)."""
-        archive = load_archive(Path(path))
-        check_base_shape(archive.shape, model_shape(self.model.cfg))
-        self.bank.add(name, archive_bank_adapter(archive))
+        self.bank.add(name, archive_bank_adapter(read_for_base(name, Path(path), model_shape(self.model.cfg))))
 
     def unload_adapter(self, name: str) -> None:
         self.bank.remove(name)
@@ -157,6 +152,12 @@ def _streaming_strategy(model: Any, requests: Sequence[GenerationRequest], eos_i
     return base
 
 
+def _check_max_loras(adapters: dict[str, Path], max_loras: Optional[int]) -> None:
+    if max_loras is not None and len(adapters) > max_loras:
+        raise TiedLoraConfigError(f"{len(adapters)} adapters found but --max-loras is {max_loras}: raise it "
+                                  "or serve fewer")
+
+
 # ---- tensor parallelism: rank 0 serves, the other ranks follow -----------------------------------------------------
 def restore_parallel(base: Path, adapters: dict[str, Path], *, tp: int, max_rank: Optional[int] = None,
                      max_loras: Optional[int] = None, progress: Optional[Callable[[str], None]] = None) -> BankEngine:
@@ -166,9 +167,7 @@ def restore_parallel(base: Path, adapters: dict[str, Path], *, tp: int, max_rank
 
     from nemo_tiedlora.nemo.finetune import load_for_inference, tuning_config
 
-    if max_loras is not None and len(adapters) > max_loras:
-        raise TiedLoraConfigError(f"{len(adapters)} adapters found but --max-loras is {max_loras}: raise it "
-                                  "or serve fewer")
+    _check_max_loras(adapters, max_loras)
     cfg = tuning_config("generate")
     with open_dict(cfg):
         cfg.model.restore_from_path = str(base)

@@ -20,6 +20,7 @@ from torch import nn
 
 from nemo_tiedlora.core.bank import AdapterBank, BankBatch
 from nemo_tiedlora.core.errors import TiedLoraConfigError
+from nemo_tiedlora.nemo.adapters import ask_for_normalized_input, tensor_parallel_rows
 from nemo_tiedlora.nemo.find_adapters import model_chunks
 
 ADAPTER_FIELD = "adapter"  # the test JSONL's per-item adapter name (absent or null: the base alone)
@@ -55,11 +56,7 @@ class BankQKV(nn.Module):
         self.base = base
         self.layer_number = layer_number
         self._context = (context,)  # outside the module registry: the bank is not part of the model's state
-        self.te_fused_norm = hasattr(base, "return_layernorm_output")
-        if self.te_fused_norm:
-            base.return_layernorm_output = True  # TE's fused layernorm: the normalized input is what A reads
-            if hasattr(base, "return_layernorm_output_gathered"):
-                base.return_layernorm_output_gathered = False
+        self.te_fused_norm = ask_for_normalized_input(base)  # TE: the normalized input is what A reads
 
     def __getattr__(self, name: str):
         try:
@@ -81,15 +78,6 @@ class BankQKV(nn.Module):
         return out + batch.update(normalized, self.layer_number, batch_dim=1).to(out.dtype), bias
 
 
-def _out_rows(out_features: int, tensor_parallel_size: int) -> Optional[slice]:
-    if tensor_parallel_size == 1:
-        return None
-    from megatron.core import parallel_state
-
-    rank, width = parallel_state.get_tensor_model_parallel_rank(), out_features // tensor_parallel_size
-    return slice(rank * width, (rank + 1) * width)
-
-
 def attach_bank(model: Any, bank: AdapterBank) -> BankContext:
     """Wrap `linear_qkv` of every decoder layer of `model` (a restored NeMo GPT model) around `bank`."""
     cfg = model.cfg
@@ -97,7 +85,7 @@ def attach_bank(model: Any, bank: AdapterBank) -> BankContext:
         raise TiedLoraConfigError("several adapters in one model need model.sequence_parallel=False (inference "
                                   "shards nothing over the sequence): set model.sequence_parallel=False")
     tp = int(cfg.get("tensor_model_parallel_size", 1))
-    context = BankContext(bank, _out_rows(bank.shape.out_features, tp))
+    context = BankContext(bank, tensor_parallel_rows(bank.shape.out_features, tp))
     for chunk in model_chunks(model):
         for layer in chunk.decoder.layers:
             attention = layer.self_attention

@@ -159,11 +159,12 @@ def load_for_inference(cfg: DictConfig) -> tuple[Any, Any]:
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
 
     from nemo_tiedlora.formats.adapter_archive import is_tiedlora_archive
+    from nemo_tiedlora.formats.bank_entry import is_adapter_set
 
     _prepare(cfg)
     trainer = _build_trainer(cfg)
     adapter = cfg.model.peft.get("restore_from_path")
-    several = adapter is not None and (not isinstance(adapter, str) or Path(adapter).is_dir())
+    several = is_adapter_set(adapter)
     # A Tied-LoRA archive is TP/PP-independent: take the inference config from the base (NeMo would insist that the
     # adapter's training TP/PP equal the evaluation's).
     tiedlora = bool(adapter) and (several or is_tiedlora_archive(Path(adapter)))
@@ -185,8 +186,7 @@ def _load_adapter_bank(model: Any, adapters: Any) -> None:
     from nemo_tiedlora.formats.bank_entry import adapter_files, load_bank
     from nemo_tiedlora.nemo.bank_qkv import attach_bank, select_from_metadata
 
-    spec = adapters if isinstance(adapters, str) else [str(item) for item in adapters]
-    bank = load_bank(adapter_files(spec), model_shape(model.cfg))
+    bank = load_bank(adapter_files(adapters), model_shape(model.cfg))
     select_from_metadata(model, attach_bank(model, bank))
     logger.info("%d adapters resident (%.1f MB): %s", len(bank), bank.adapter_bytes() / 1e6,
                 ", ".join(bank.names[:10]) + (" ..." if len(bank) > 10 else ""))

@@ -16,22 +16,11 @@ from nemo.collections.nlp.parts.mixins.nlp_adapter_mixins import NLPAdapterModel
 
 from nemo_tiedlora.core.errors import TiedLoraConfigError
 from nemo_tiedlora.nemo import grad_hooks
-from nemo_tiedlora.nemo.adapters import TiedLoraQKV, TiedLoraShared
+from nemo_tiedlora.nemo.adapters import TiedLoraQKV, TiedLoraShared, tensor_parallel_rows
 from nemo_tiedlora.nemo.compat.patch import replace
 from nemo_tiedlora.nemo.peft import TiedLoraPEFTConfig
 from nemo_tiedlora.nemo.summary import log_parameter_summary
 from nemo_tiedlora.nemo.find_adapters import SHARED_ATTR, iter_layer_adapters, model_chunks
-
-def _out_rows(out_features: int, tensor_parallel_size: int) -> slice | None:
-    """This TP rank's rows of the fused QKV output (None without tensor parallelism)."""
-    if tensor_parallel_size == 1:
-        return None
-    from megatron.core import parallel_state
-
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    width = out_features // tensor_parallel_size
-    return slice(rank * width, (rank + 1) * width)
-
 
 def attach(model: Any, peft_cfg: TiedLoraPEFTConfig) -> int:
     """Wrap `linear_qkv` of the selected layers and attach the shared owner; return the number of wrappers."""
@@ -53,7 +42,7 @@ def attach(model: Any, peft_cfg: TiedLoraPEFTConfig) -> int:
                 attention.linear_qkv,
                 layer_number=layer.layer_number,
                 shared_owner=owner,
-                out_rows=_out_rows(peft_cfg.shape["out_features"], peft_cfg.tensor_parallel_size),
+                out_rows=tensor_parallel_rows(peft_cfg.shape["out_features"], peft_cfg.tensor_parallel_size),
                 tensor_parallel_size=peft_cfg.tensor_parallel_size,
                 sequence_parallel=peft_cfg.sequence_parallel,
             )

@@ -44,7 +44,9 @@ def check_before_launch(cfg: DictConfig, *, training: bool) -> None:
 
         check_parallel_layout(cfg.model, model_shape(base_cfg))
     adapter = cfg.model.get("peft", {}).get("restore_from_path")
-    if adapter and (not isinstance(adapter, str) or Path(adapter).is_dir()):
+    from nemo_tiedlora.formats.bank_entry import is_adapter_set
+
+    if is_adapter_set(adapter):
         _check_adapter_set(adapter, training=training)
     elif adapter:
         check_archive(Path(adapter), what="model.peft.restore_from_path")
@@ -59,8 +61,7 @@ def _check_adapter_set(adapters: Any, *, training: bool) -> None:
     if training:
         raise TiedLoraConfigError(
             "model.peft.restore_from_path names several adapters: training resumes one adapter; give one .nemo file")
-    spec = adapters if isinstance(adapters, str) else [str(item) for item in adapters]
-    for path in adapter_files(spec).values():
+    for path in adapter_files(adapters).values():
         check_archive(path, what="model.peft.restore_from_path")
 
 
