@@ -5,7 +5,7 @@ adapters of three kinds on the tiny 4-layer base). Checked: concurrent completio
 the model list, OpenAI-style errors (unknown model 404, malformed body 400, prompt + max_tokens beyond the context
 400 naming the limit, no chat template 400, queue full 429), loading and unloading adapters on a live server, the
 server at TP2 (rank 0 serves, rank 1 follows), a server killed with SIGKILL that starts again and answers the same,
-a bounded load test (32 clients for 30 s against 1,000 resident adapters, every request answered and the reference
+a bounded load test (32 clients for 60 s against 1,000 resident adapters, every request answered and the reference
 adapters' answers unchanged), and on SmolLM2 the chat endpoint against transformers + peft.
 """
 
@@ -226,7 +226,7 @@ def test_a_server_killed_with_sigkill_starts_again_and_answers_the_same(bank_ref
 
 
 def test_32_clients_for_30_s_against_1000_resident_adapters(bank_reference, tmp_path):
-    """Bounded load on loopback: 32 clients send requests for 30 s, each to an adapter drawn from 1,000 resident
+    """Bounded load on loopback: 32 clients send requests for 60 s, each to an adapter drawn from 1,000 resident
     (the three reference adapters among them); every request is answered, and every answer of a reference adapter
     equals its generate-script answer."""
     from nemo_tiedlora.core.model_shape import model_shape
@@ -244,7 +244,7 @@ def test_32_clients_for_30_s_against_1000_resident_adapters(bank_reference, tmp_
                        seed=1000 + k)
     running = Server(base, many, tmp_path / "server.log")
     names = sorted(path.name[:-5] for path in many.glob("*.nemo"))
-    ends = time.monotonic() + 30
+    ends = time.monotonic() + 60
 
     def client(seed: int) -> tuple[int, list[str]]:
         rng, count, wrong = random.Random(seed), 0, []
@@ -262,7 +262,7 @@ def test_32_clients_for_30_s_against_1000_resident_adapters(bank_reference, tmp_
             results = list(pool.map(client, range(32)))
     finally:
         running.stop()
-    print(f"{sum(count for count, _ in results)} requests answered by 32 clients in 30 s")
+    print(f"{sum(count for count, _ in results)} requests answered by 32 clients in 60 s")
     assert all(count > 0 for count, _ in results)
     assert [wrong for _, wrong in results if wrong] == []
 

@@ -31,7 +31,9 @@ PACKAGE_DATA = ("nemo_tiedlora/apps/entry_scripts/megatron_gpt_finetuning.py",
                 "nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_finetuning_config.yaml",
                 "nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_generate_config.yaml",
                 "nemo_tiedlora/apps/entry_scripts/conf/megatron_gpt_tiedlora_merge_config.yaml",
-                "nemo_tiedlora/apps/conf/study.yaml", "nemo_tiedlora/apps/conf/study_smollm2.yaml")
+                "nemo_tiedlora/apps/conf/study.yaml", "nemo_tiedlora/apps/conf/study_smollm2.yaml",
+                "nemo_tiedlora/apps/conf/study_smollm2_extraction.yaml",
+                "nemo_tiedlora/apps/conf/study_smollm2_arithmetic.yaml")
 
 
 def _run(command: list, *, cwd: Path, env: dict, timeout: int = 1800) -> str:

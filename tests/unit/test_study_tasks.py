@@ -39,7 +39,7 @@ def _perfect(task: TaskAdapter, examples: list[Example]) -> list[object]:
 
 
 def test_registry_names_and_metadata() -> None:
-    assert tuple(TASKS) == TASK_NAMES + ("homes", "extraction")
+    assert tuple(TASKS) == TASK_NAMES + ("homes", "extraction", "arithmetic")
     for name, task in TASKS.items():
         assert task.name == name
         assert task.metric_name and task.higher_is_better is True

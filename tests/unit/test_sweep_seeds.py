@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from sweep_fakes import fake_context, study_config
 
 from nemo_tiedlora.apps.study import sweep
 from nemo_tiedlora.apps.study.report import best_runs, build_report, read_results
@@ -17,23 +18,15 @@ from nemo_tiedlora.apps.study.sweep import RunSpec, SweepConfigError, SweepConte
 from nemo_tiedlora.apps.study.tasks import TASKS, prepare
 
 REPO = Path(__file__).resolve().parents[2]
-SHAPE = {"hidden_size": 64, "num_layers": 2, "out_features": 128}
 TEMPLATE = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n{output}"
 
 
 def _config(tmp_path: Path, **changes) -> dict:
-    data = {"task": "extraction", "data": "sample", "base": "embedded", "output": str(tmp_path / "out"),
-            "presets": ["lora", "tl6"], "ranks": [8], "lrs": [1.0e-3, 1.0e-2, 1.0e-1],
-            "training": {"max_steps": 8, "val_check_interval": 2, "global_batch_size": 4, "micro_batch_size": 2,
-                         "seed": 1234}}
-    data.update(changes)
-    return data
+    return study_config(tmp_path, {"presets": ["lora", "tl6"], "lrs": [1.0e-3, 1.0e-2, 1.0e-1]}, changes)
 
 
 def _context(cfg, out: Path) -> SweepContext:
-    sft = {split: Path(f"/d/{split}.jsonl") for split in ("train", "validation", "test")}
-    return SweepContext(cfg=cfg, base=Path("/b/base.nemo"), shape=SHAPE, sft=sft, source=out, out=out,
-                        fingerprint="fp")
+    return fake_context(cfg, out)
 
 
 # Metric of a grid run by (preset, lr): lora peaks at 1e-2, tl6 at 1e-1; reruns score seed-dependent values.

@@ -1,7 +1,10 @@
 """The study sweep: ``python -m nemo_tiedlora sweep --config study.yaml``.
 
 Runs every (preset, rank, learning rate) of a study config on one task through NeMo's own entry scripts, each in
-its own subprocess (the command a user types):
+its own subprocess (the command a user types); then, as the config asks, rates beyond the grid's edge while a
+preset's best rate is at the edge (``extend_edges``; a study that ends with a best rate at the edge exits 1), the best
+rate of each (preset, rank) with more seeds (``rerun_best_seeds``), and presets at other ranks at that rate
+(``best_lr_at_ranks``). Each preset may have its own rates (``lrs`` as a mapping). One run:
 
 1. ``examples/.../megatron_gpt_finetuning.py`` fine-tunes the base ``.nemo`` with ``peft_scheme=tiedlora`` and
    exp_manager's early stopping on the validation loss; exp_manager keeps the best checkpoint and writes the
@@ -57,11 +60,13 @@ from nemo_tiedlora.apps.study.sweep_results import (
     RunSpec,
     add_percent_of_best_lora,
     best_lr_reruns,
+    edge_extensions,
     expand_grid,
+    is_rerun,
     format_summary,
     read_previous,
+    rank_follow_ups,
     rerun_count,
-    reusable_reruns,
     reusable_rows,
     trainable_params,
     write_results,
@@ -119,11 +124,13 @@ def run_sweep(
     context: SweepContext | None = None,
     verbose: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the whole grid; return the rows as written to ``results.csv``/``results.json``.
+    """Run (or resume) the whole study; return the rows as written to ``results.csv``/``results.json``.
 
-    Runs recorded ok with the same fingerprint in the output folder's ``results.json`` are skipped. After every
-    run both results files are rewritten atomically. A run that raises is recorded as ``failed: <reason>`` and the
-    sweep goes on; KeyboardInterrupt stops it with the finished runs on disk.
+    Stages, each after the one before: the grid; rates beyond its edge while a (preset, rank)'s best rate is at the
+    edge (``extend_edges`` at most); the best rate of each (preset, rank) with every ``rerun_best_seeds`` seed; the
+    ``best_lr_at_ranks`` presets at their ranks. Runs recorded ok with the same fingerprint in the output folder's
+    ``results.json`` are skipped. After every run both results files are rewritten atomically. A run that raises is
+    recorded as ``failed: <reason>`` and the sweep goes on; KeyboardInterrupt stops it with the finished runs on disk.
     """
     from tqdm import tqdm
 
@@ -131,38 +138,49 @@ def run_sweep(
     grid = expand_grid(cfg)
     previous = read_previous(ctx.out)
     done = reusable_rows(previous, grid, ctx.fingerprint)
-    rows: dict[tuple, dict[str, Any]] = dict(done)
     if done:
         print(f"resuming: {len(done)} of {len(grid)} grid run(s) already ok in {ctx.out / 'results.json'}",
               flush=True)
-    reruns_done = reusable_reruns(previous, ctx.fingerprint)
-    dropped = len(previous) - len(done) - len(reruns_done)
-    if dropped > 0:
-        print(f"{dropped} earlier row(s) (failed, or another grid/budget) will be replaced", flush=True)
+    rows: dict[tuple, dict[str, Any]] = {}
+    order = {preset: index for index, preset in enumerate(cfg.presets)}
 
-    def ordered() -> list[dict[str, Any]]:
-        return [rows[spec.key] for spec in grid + best_lr_reruns(cfg, list(rows.values())) if spec.key in rows]
+    def ordered() -> list[dict[str, Any]]:  # the grid (with its extensions), then the runs that follow it
+        def key(row: dict[str, Any]) -> tuple:
+            follows = is_rerun(row) or int(row["rank"]) not in cfg.ranks
+            seed = (cfg.training.seed, *cfg.rerun_best_seeds).index(int(row["seed"])) \
+                if int(row["seed"]) in (cfg.training.seed, *cfg.rerun_best_seeds) else len(cfg.rerun_best_seeds) + 1
+            return (follows, order.get(row["preset"], len(order)), int(row["rank"]), seed, float(row["lr"]))
+        return sorted(rows.values(), key=key)
 
     def save() -> None:
         write_results(ctx.out, add_percent_of_best_lora(ordered()))
 
-    todo = [spec for spec in grid if spec.key not in done]
-    progress = tqdm(total=len(grid) + rerun_count(cfg), initial=len(grid) - len(todo), desc=f"sweep {cfg.task}",
-                    unit="run", file=sys.stderr, dynamic_ncols=True)
+    progress = tqdm(total=len(grid) + rerun_count(cfg), desc=f"sweep {cfg.task}", unit="run", file=sys.stderr,
+                    dynamic_ncols=True)
+
+    def stage(specs: list[RunSpec]) -> None:
+        kept = {key: row for key, row in reusable_rows(previous, specs, ctx.fingerprint).items() if key not in rows}
+        rows.update(kept)
+        progress.update(len(kept))
+        _run_all([spec for spec in specs if spec.key not in rows], runner, ctx, rows, progress, save)
+
     try:
-        _run_all(todo, runner, ctx, rows, progress, save)
-        if cfg.rerun_best_seeds:  # the best lr of each (preset, rank), chosen on the grid's seed, with more seeds
-            extra = best_lr_reruns(cfg, [rows[spec.key] for spec in grid if spec.key in rows])
-            kept = reusable_rows(previous, extra, ctx.fingerprint)
-            rows.update(kept)
-            progress.total = len(grid) + len(extra)
-            progress.update(len(kept))
-            _run_all([spec for spec in extra if spec.key not in kept], runner, ctx, rows, progress, save)
+        stage(grid)
+        while True:  # rates beyond the edge, one per (preset, rank) and round, until every best is inside
+            extra, _ = edge_extensions(cfg, list(rows.values()))
+            if not extra:
+                break
+            progress.total += len(extra)
+            stage(extra)
+        stage(best_lr_reruns(cfg, list(rows.values())))
+        stage(rank_follow_ups(cfg, list(rows.values())))
     finally:
         progress.close()
     save()
     final = add_percent_of_best_lora(ordered())
     print(format_summary(final), flush=True)
+    for line in edge_extensions(cfg, final)[1]:
+        print(f"best at the edge: {line}", flush=True)
     print(f"results: {ctx.out / 'results.csv'} and {ctx.out / 'results.json'}", flush=True)
     return final
 
@@ -196,7 +214,8 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> None:
         "Example config: conf/study.yaml.",
     )
     parser.add_argument("--config", required=True, type=Path,
-                        help="study YAML, or the name of a shipped one: study (conf/study.yaml), study_smollm2")
+                        help="study YAML, or the name of a shipped one: study (conf/study.yaml), study_smollm2, "
+                        "study_smollm2_extraction, study_smollm2_arithmetic")
     parser.add_argument("--output", type=Path, help="override the config's output folder")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and list the runs, run nothing")
     parser.add_argument("--verbose", action="store_true", help="echo the entry scripts' progress lines")
@@ -210,9 +229,15 @@ def _run_sweep_command(args: argparse.Namespace) -> int:
         print(f"{len(grid)} run(s) of {cfg.task} into {cfg.output}:")
         for spec in grid:
             print(f"  {spec.name}")
-        if cfg.rerun_best_seeds:
+        if cfg.extend_edges:
+            print(f"then up to {cfg.extend_edges} rate(s) per (preset, rank) beyond the grid while its best rate is "
+                  "at the grid's edge")
+        if rerun_count(cfg):
+            follow = cfg.best_lr_at_ranks
             print(f"then the best lr of each (preset, rank) again with seed(s) "
-                  f"{', '.join(map(str, cfg.rerun_best_seeds))}: {rerun_count(cfg)} run(s)")
+                  f"{', '.join(map(str, cfg.rerun_best_seeds)) or '(none)'}"
+                  + (f", and {', '.join(follow.presets)} at rank(s) {', '.join(map(str, follow.ranks))} at that "
+                     "rate with every seed" if follow.ranks else "") + f": {rerun_count(cfg)} run(s)")
         return 0
     try:
         rows = run_sweep(cfg, verbose=args.verbose)
@@ -221,4 +246,8 @@ def _run_sweep_command(args: argparse.Namespace) -> int:
         print(f"\nsweep interrupted: the runs finished so far are in {results}; run the same command again to resume",
               file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    if edge_extensions(cfg, rows)[1]:
+        print("sweep finished with a best rate at the edge of what it tried (listed above): the study is not tuned "
+              "there; widen lrs or raise extend_edges and run the same command again", file=sys.stderr, flush=True)
+        return 1
     return 0 if all(row.get("status") == _OK for row in rows) else 1

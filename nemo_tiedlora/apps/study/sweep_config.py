@@ -63,6 +63,15 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class RankFollowUp:
+    """``best_lr_at_ranks``: these presets run again at these ranks, at the best rate each found on the grid (at the
+    grid rank nearest to the new one), with the grid's seed and every ``rerun_best_seeds`` seed."""
+
+    ranks: tuple[int, ...] = ()
+    presets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """A validated study config (see ``conf/study.yaml``)."""
 
@@ -72,25 +81,35 @@ class SweepConfig:
     output: Path
     presets: tuple[str, ...]
     ranks: tuple[int, ...]
-    lrs: tuple[float, ...]
+    lrs: tuple[float, ...]  # the rates of every preset; empty when each preset has its own (lr_grid)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     overrides: tuple[str, ...] = ()
     prompt_template: str | None = None  # NeMo SFT prompt_template of every split; None: NeMo's "{input} {output}"
     rerun_best_seeds: tuple[int, ...] = ()  # the best lr of each (preset, rank) is run again with each of these seeds
+    lr_grid: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # preset -> its rates (lrs as a mapping)
+    extend_edges: int = 0  # rates a (preset, rank) may add beyond the grid's edge while its best rate is at the edge
+    best_lr_at_ranks: RankFollowUp = field(default_factory=RankFollowUp)
+    sample_sizes: Mapping[str, int] | None = None  # items per split of a generated sample (data: sample)
+
+    def rates(self, preset: str) -> tuple[float, ...]:
+        """The grid's learning rates of ``preset`` (its own list when ``lrs`` is a mapping)."""
+        return tuple(self.lr_grid.get(preset, self.lrs))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["output"] = str(self.output)
         for key in ("presets", "ranks", "lrs", "overrides", "rerun_best_seeds"):
             data[key] = list(data[key])
+        data["lr_grid"] = {preset: list(rates) for preset, rates in self.lr_grid.items()}
+        data["best_lr_at_ranks"] = {key: list(value) for key, value in data["best_lr_at_ranks"].items()}
         return data
 
 
 _TOP_KEYS = {
     "task", "data", "base", "output", "presets", "ranks", "lrs", "training", "early_stopping", "generation",
-    "overrides", "prompt_template", "rerun_best_seeds",
+    "overrides", "prompt_template", "rerun_best_seeds", "extend_edges", "best_lr_at_ranks", "sample_sizes",
 }
 _SECTIONS: dict[str, type] = {
     "training": TrainingSettings,
@@ -179,7 +198,8 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
         problems.append(f"unknown field {key!r}: remove it (fields: {', '.join(sorted(_TOP_KEYS))})")
 
     task, data_source, base, output = _sources(data, problems)
-    presets, ranks, lrs = _grid(data, problems)
+    presets, ranks, lrs, lr_grid = _grid(data, problems)
+    extend_edges, follow_up, sample_sizes = _study_extras(data, presets, task, problems)
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         sections[name] = _section(data.get(name), name=name, cls=cls, problems=problems)
@@ -209,6 +229,10 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
         overrides=tuple(overrides),
         prompt_template=template,
         rerun_best_seeds=tuple(seeds),
+        lr_grid=lr_grid,
+        extend_edges=extend_edges,
+        best_lr_at_ranks=follow_up,
+        sample_sizes=sample_sizes,
     )
 
 
@@ -238,8 +262,9 @@ def _sources(data: Mapping[str, Any], problems: list[str]) -> tuple[Any, Any, An
     return task, data_source, base, output
 
 
-def _grid(data: Mapping[str, Any], problems: list[str]) -> tuple[list[Any], list[Any], list[float]]:
-    """The grid: presets, ranks and learning rates, each a non-empty list without repeats."""
+def _grid(data: Mapping[str, Any], problems: list[str]) -> tuple[list[Any], list[Any], list[float], dict]:
+    """The grid: presets, ranks and learning rates, each a non-empty list without repeats; ``lrs`` may instead map
+    every preset to its own list (returned as the fourth value, the shared list then empty)."""
     presets = _as_list(data.get("presets"))
     if not presets:
         problems.append(f"presets {data.get('presets')!r}: give a non-empty list of {', '.join(PRESETS)}")
@@ -261,18 +286,79 @@ def _grid(data: Mapping[str, Any], problems: list[str]) -> tuple[list[Any], list
             problems.append(f"ranks {bad!r}: every rank must be an integer > 0")
         elif len(set(ranks)) != len(ranks):
             problems.append(f"ranks {ranks!r} repeat a value: list each rank once")
-    lrs_raw = _as_list(data.get("lrs"))
+    raw = data.get("lrs")
+    if isinstance(raw, Mapping):
+        names = [p.lower() for p in presets if isinstance(p, str)]
+        given = {str(key).lower(): value for key, value in raw.items()}
+        for key in sorted(set(given) - set(names)):
+            problems.append(f"lrs.{key}: not among presets {names}; remove it or add the preset")
+        for name in names:
+            if name not in given:
+                problems.append(f"lrs.{name} is missing: give every preset its rates when lrs is a mapping")
+        grid = {name: tuple(_rates(given[name], f"lrs.{name}", problems)) for name in names if name in given}
+        return presets, ranks, [], grid
+    return presets, ranks, _rates(raw, "lrs", problems), {}
+
+
+def _rates(raw: Any, name: str, problems: list[str]) -> list[float]:
+    """A non-empty list of distinct learning rates > 0 (problems appended to ``problems``)."""
+    lrs_raw = _as_list(raw)
     lrs: list[float] = []
     if not lrs_raw:
-        problems.append(f"lrs {data.get('lrs')!r}: give a non-empty list of learning rates > 0, e.g. [1.0e-4, 1.0e-3]")
+        problems.append(f"{name} {raw!r}: give a non-empty list of learning rates > 0, e.g. [1.0e-4, 1.0e-3], "
+                        "or (lrs) a mapping of every preset to its list")
     else:
         lrs = [_as_float(lr) for lr in lrs_raw]  # type: ignore[misc]
         bad = [raw for raw, lr in zip(lrs_raw, lrs) if lr is None or lr <= 0]
         if bad:
-            problems.append(f"lrs {bad!r}: every learning rate must be a number > 0")
+            problems.append(f"{name} {bad!r}: every learning rate must be a number > 0")
         elif len(set(lrs)) != len(lrs):
-            problems.append(f"lrs {lrs_raw!r} repeat a value: list each learning rate once")
-    return presets, ranks, lrs
+            problems.append(f"{name} {lrs_raw!r} repeat a value: list each learning rate once")
+    return lrs
+
+
+def _study_extras(data: Mapping[str, Any], presets: list[Any], task: Any,
+                  problems: list[str]) -> tuple[int, RankFollowUp, dict[str, int] | None]:
+    """``extend_edges``, ``best_lr_at_ranks`` and ``sample_sizes`` (problems appended to ``problems``)."""
+    from nemo_tiedlora.apps.study.tasks import TASKS
+
+    extend = data.get("extend_edges", 0)
+    if not _is_int(extend) or extend < 0:
+        problems.append(f"extend_edges {extend!r}: the number of rates a preset may add beyond the grid's edge, "
+                        "an integer >= 0 (0: never extend)")
+        extend = 0
+    follow_up = RankFollowUp()
+    raw = data.get("best_lr_at_ranks")
+    if raw is not None:
+        names = {p.lower() for p in presets if isinstance(p, str)}
+        if not isinstance(raw, Mapping) or set(raw) - {"ranks", "presets"}:
+            problems.append(f"best_lr_at_ranks {raw!r}: give a mapping with ranks (e.g. [32]) and presets "
+                            "(e.g. [lora, tl6])")
+        else:
+            ranks = _as_list(raw.get("ranks")) or []
+            chosen = [str(p).lower() for p in _as_list(raw.get("presets")) or []]
+            if not ranks or not all(_is_int(r) and r > 0 for r in ranks) or len(set(ranks)) != len(ranks):
+                problems.append(f"best_lr_at_ranks.ranks {raw.get('ranks')!r}: a non-empty list of distinct ranks > 0")
+            elif set(ranks) & set(_as_list(data.get("ranks")) or []):
+                problems.append(f"best_lr_at_ranks.ranks {ranks}: already grid ranks; list only ranks outside ranks")
+            if not chosen or set(chosen) - names:
+                problems.append(f"best_lr_at_ranks.presets {raw.get('presets')!r}: a non-empty list of the study's "
+                                f"presets ({', '.join(sorted(names))})")
+            follow_up = RankFollowUp(ranks=tuple(ranks), presets=tuple(chosen))
+    sizes = data.get("sample_sizes")
+    if sizes is None:
+        return extend, follow_up, None
+    allowed = getattr(TASKS.get(task), "sample_sizes", None) if isinstance(task, str) else None
+    if allowed is None:
+        problems.append(f"sample_sizes: task {task!r} has a fixed generated sample; remove sample_sizes")
+    elif not isinstance(sizes, Mapping) or set(sizes) - set(allowed) \
+            or not all(_is_int(v) and v >= 1 for v in sizes.values()):
+        problems.append(f"sample_sizes {sizes!r}: a mapping of {', '.join(allowed)} to item counts >= 1")
+    elif data.get("data", SAMPLE) != SAMPLE:
+        problems.append("sample_sizes: only for data: sample (a dataset folder has its own sizes)")
+    else:
+        return extend, follow_up, dict(sizes)
+    return extend, follow_up, None
 
 
 def _extras(data: Mapping[str, Any], training: Any, problems: list[str]) -> tuple[list[str], Any, list[Any]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_tiedlora.core.fileio import atomic_write_bytes
-from nemo_tiedlora.apps.study.sweep_config import SAMPLE, SweepConfig, _as_float
+from nemo_tiedlora.apps.study.sweep_config import EMBEDDED, SAMPLE, SMOLLM2, SweepConfig, _as_float
 
 COLUMNS: tuple[str, ...] = (
     "task",
@@ -72,13 +72,18 @@ class RunSpec:
 
 
 def expand_grid(cfg: SweepConfig) -> list[RunSpec]:
-    """presets x ranks x lrs, preset-major in config order (LoRA runs come where the config lists them)."""
-    return [RunSpec(cfg.task, preset, rank, lr) for preset in cfg.presets for rank in cfg.ranks for lr in cfg.lrs]
+    """presets x ranks x each preset's lrs, preset-major in config order (LoRA runs come where the config lists
+    them)."""
+    return [RunSpec(cfg.task, preset, rank, lr)
+            for preset in cfg.presets for rank in cfg.ranks for lr in cfg.rates(preset)]
 
 
 def rerun_count(cfg: SweepConfig) -> int:
-    """How many reruns ``cfg.rerun_best_seeds`` asks for once the grid has run (one per preset, rank and seed)."""
-    return len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds)
+    """How many runs follow the grid: ``rerun_best_seeds`` (one per preset, rank and seed) and ``best_lr_at_ranks``
+    (one per preset, rank and seed, the grid's seed included)."""
+    follow = cfg.best_lr_at_ranks
+    return len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds) \
+        + len(follow.presets) * len(follow.ranks) * (1 + len(cfg.rerun_best_seeds))
 
 
 def is_rerun(row: Mapping[str, Any]) -> bool:
@@ -86,26 +91,86 @@ def is_rerun(row: Mapping[str, Any]) -> bool:
     return row.get("seed_rerun") in (True, "true")
 
 
-def best_lr_reruns(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
-    """The reruns of ``cfg.rerun_best_seeds``: for each (preset, rank) the grid run (training seed) with the best
-    metric (ties: the lower best validation loss, then the first lr) run again with every extra seed. A (preset,
-    rank) without an ok grid run gets no rerun."""
+def grid_runs(cfg: SweepConfig, rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], list[Mapping[str, Any]]]:
+    """(preset, rank) -> its rows on the grid's seed at a grid rank (grid rates and edge extensions, ok or not)."""
+    runs: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        key = _row_key(row)
+        if key is not None and key[0] == cfg.task and key[1] in cfg.presets and key[2] in cfg.ranks \
+                and key[4] is None:
+            runs.setdefault((key[1], key[2]), []).append(row)
+    return runs
+
+
+def best_rates(cfg: SweepConfig, rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], float]:
+    """(preset, rank) -> the rate of its best ok run on the grid's seed (grid rates and edge extensions): the best
+    metric; ties: the lower best validation loss, then the lower rate. A (preset, rank) without an ok run is absent."""
     from nemo_tiedlora.apps.study.tasks import TASKS
 
     sign = 1.0 if TASKS[cfg.task].higher_is_better else -1.0
-    grid = {spec.key: spec for spec in expand_grid(cfg)}
-    best: dict[tuple[str, int], tuple[tuple[float, float, int], RunSpec]] = {}
-    for order, row in enumerate(rows):
-        spec = grid.get(_row_key(row))
-        if spec is None or not _is_ok(row):
-            continue
-        loss = _finite(row.get("best_val_loss"))
-        score = (sign * float(row["metric"]), -(loss if loss is not None else math.inf), -order)
-        if (spec.preset, spec.rank) not in best or score > best[(spec.preset, spec.rank)][0]:
-            best[(spec.preset, spec.rank)] = (score, spec)
-    return [RunSpec(cfg.task, preset, rank, best[(preset, rank)][1].lr, seed)
+    best: dict[tuple[str, int], tuple[tuple[float, float, float], float]] = {}
+    for pair, runs in grid_runs(cfg, rows).items():
+        for row in runs:
+            if not _is_ok(row) or _finite(row.get("metric")) is None:
+                continue
+            loss = _finite(row.get("best_val_loss"))
+            score = (sign * float(row["metric"]), -(loss if loss is not None else math.inf), -float(row["lr"]))
+            if pair not in best or score > best[pair][0]:
+                best[pair] = (score, float(row["lr"]))
+    return {pair: lr for pair, (_, lr) in best.items()}
+
+
+def best_lr_reruns(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
+    """The reruns of ``cfg.rerun_best_seeds``: for each (preset, rank) its best rate (:func:`best_rates`) run again
+    with every extra seed. A (preset, rank) without an ok run gets no rerun."""
+    best = best_rates(cfg, rows)
+    return [RunSpec(cfg.task, preset, rank, best[(preset, rank)], seed)
             for preset in cfg.presets for rank in cfg.ranks if (preset, rank) in best
             for seed in cfg.rerun_best_seeds]
+
+
+def rank_follow_ups(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
+    """``best_lr_at_ranks``: each of its presets at each of its ranks, at the best rate the preset found at the grid
+    rank nearest to that rank (ties: the lower), with the grid's seed and every ``rerun_best_seeds`` seed."""
+    best = best_rates(cfg, rows)
+    specs = []
+    for preset in cfg.best_lr_at_ranks.presets:
+        for rank in cfg.best_lr_at_ranks.ranks:
+            nearest = min(cfg.ranks, key=lambda grid_rank: (abs(grid_rank - rank), grid_rank))
+            if (preset, nearest) in best:
+                specs += [RunSpec(cfg.task, preset, rank, best[(preset, nearest)], seed)
+                          for seed in (None, *cfg.rerun_best_seeds)]
+    return specs
+
+
+def edge_extensions(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> tuple[list[RunSpec], list[str]]:
+    """Rates to add where a (preset, rank)'s best rate is the highest or lowest it tried, and what stays at an edge.
+
+    The next rate continues the grid's spacing beyond that edge (the ratio of the two outermost rates tried on that
+    side, x4 or /4 with one rate), rounded to 3 significant digits. A (preset, rank) that has already added
+    ``cfg.extend_edges`` rates is not extended; it is named in the second list instead ("best at the edge"), which
+    a finished study must leave empty. Only the grid's seed counts; a failed run bounds the range like any other.
+    """
+    best = best_rates(cfg, rows)
+    extra: list[RunSpec] = []
+    at_edge: list[str] = []
+    for (preset, rank), runs in grid_runs(cfg, rows).items():
+        if (preset, rank) not in best:
+            continue
+        tried = sorted({float(row["lr"]) for row in runs})
+        lr = best[(preset, rank)]
+        if len(tried) < 2 or tried[0] < lr < tried[-1]:
+            continue
+        high = lr == tried[-1]
+        outer, inner = (tried[-1], tried[-2]) if high else (tried[0], tried[1])
+        added = sum(rate not in cfg.rates(preset) for rate in tried)
+        if added >= cfg.extend_edges:
+            side = "highest" if high else "lowest"
+            at_edge.append(f"{preset} r{rank}: best at lr {lr:g}, the {side} rate tried ({added} added beyond "
+                           f"the grid, extend_edges {cfg.extend_edges}); widen its lrs")
+            continue
+        extra.append(RunSpec(cfg.task, preset, rank, float(f"{outer * outer / inner:.3g}")))
+    return extra, at_edge
 
 
 def trainable_params(shape: Mapping[str, int], preset: str, rank: int) -> int:
@@ -207,11 +272,17 @@ def read_previous(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def fingerprint(cfg: SweepConfig, *, base: Path | str, data: Path | str) -> str:
-    """What makes a run's result reusable: base file, data, training, early stopping, generation, overrides."""
-    base_id: Any = str(base)
+    """What makes a run's result reusable: base, data, training, early stopping, generation, overrides.
+
+    A base named in the config (``embedded``, ``smollm2``) is built from the installed package and pinned
+    requirements, so its name identifies it (a rebuilt copy on another machine keeps the results reusable); a base
+    file given by path is identified by path, size and modification time.
+    """
+    base_id: Any = cfg.base if cfg.base in (EMBEDDED, SMOLLM2) else str(base)
     with contextlib.suppress(OSError):
-        stat = Path(base).stat()
-        base_id = [str(Path(base).resolve()), stat.st_size, stat.st_mtime_ns]
+        if cfg.base not in (EMBEDDED, SMOLLM2):
+            stat = Path(base).stat()
+            base_id = [str(Path(base).resolve()), stat.st_size, stat.st_mtime_ns]
     payload = {
         "base": base_id,
         "data": str(Path(data).resolve()) if str(data) != SAMPLE else SAMPLE,
@@ -221,6 +292,8 @@ def fingerprint(cfg: SweepConfig, *, base: Path | str, data: Path | str) -> str:
         "overrides": list(cfg.overrides),
         "prompt_template": cfg.prompt_template,
     }
+    if cfg.sample_sizes is not None:  # only when set, so configs without it keep their fingerprints
+        payload["sample_sizes"] = dict(sorted(cfg.sample_sizes.items()))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -246,12 +319,6 @@ def reusable_rows(previous: Iterable[Mapping[str, Any]], grid: Sequence[RunSpec]
         if key in keys and key not in kept and _reusable(row, fp):
             kept[key] = dict(row)
     return kept
-
-
-def reusable_reruns(previous: Iterable[Mapping[str, Any]], fp: str) -> list[Mapping[str, Any]]:
-    """Earlier seed reruns a resumed sweep may keep (ok, same fingerprint); which of them it uses is known only once
-    the grid has run (`best_lr_reruns`, then `reusable_rows`)."""
-    return [row for row in previous if is_rerun(row) and _reusable(row, fp)]
 
 
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -77,7 +77,8 @@ def prepare_context(cfg: SweepConfig, *, verbose: bool = False) -> SweepContext:
         for rank in cfg.ranks:
             trainable_params(shape, preset, rank)
     if cfg.data == SAMPLE:
-        source = TASKS[cfg.task].write_sample(out / "data" / f"{cfg.task}-sample")
+        sizes = {} if cfg.sample_sizes is None else {"sizes": cfg.sample_sizes}
+        source = TASKS[cfg.task].write_sample(out / "data" / f"{cfg.task}-sample", **sizes)
     else:
         source = Path(cfg.data).expanduser().resolve()
     sft = prepare(cfg.task, source, out / "data" / f"{cfg.task}-sft")

@@ -10,6 +10,7 @@ name            dataset                 metric        files read (in the dataset
 ``gsm8k``       GSM8K                   accuracy      ``train.jsonl``, ``test.jsonl``
 ``homes``       the embedded demo task  exact match   ``{train,validation,test}.jsonl`` (the embedded default)
 ``extraction``  real-model demo task    exact match   ``{train,validation,test}.jsonl`` (``demo --base smollm2``'s task)
+``arithmetic``  generated 4-step sums   accuracy      ``{train,validation,test}.jsonl`` (GSM8K records, generated)
 ==============  ======================  ============  ===========================================================
 
 Usage::
@@ -30,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemo_tiedlora.apps.study.tasks.base import SPLITS, Example, TaskAdapter, TaskError, hold_out, write_jsonl
+from nemo_tiedlora.apps.study.tasks.arithmetic import ArithmeticTask
 from nemo_tiedlora.apps.study.tasks.dialogsum import DialogSumTask
 from nemo_tiedlora.apps.study.tasks.extraction import ExtractionTask
 from nemo_tiedlora.apps.study.tasks.gsm8k import Gsm8kTask
@@ -42,10 +44,11 @@ __all__ = ["SPLITS", "TASKS", "Example", "Scorer", "TaskAdapter", "TaskError", "
 
 TASKS: dict[str, TaskAdapter] = {
     task.name: task
-    for task in (SquadTask(), DialogSumTask(), HellaSwagTask(), IwsltTask(), Gsm8kTask(), HomesTask(), ExtractionTask())
+    for task in (SquadTask(), DialogSumTask(), HellaSwagTask(), IwsltTask(), Gsm8kTask(), HomesTask(), ExtractionTask(),
+                 ArithmeticTask())
 }
 """Task name -> adapter: the paper's five in its order, then the embedded default (homes) and the real-model
-demo's task (extraction)."""
+demo's task (extraction), and generated multi-step arithmetic in GSM8K's format (arithmetic)."""
 
 _MAX_VALIDATION = 500
 _VALIDATION_FRACTION = 0.05

@@ -86,6 +86,8 @@ class TaskAdapter(abc.ABC):
     """Our split name -> the dataset's own file name; a split missing here is held out of train by ``prepare``."""
     record_format: ClassVar[str]
     """One-line description of a well-formed record, quoted by :class:`TaskError` messages."""
+    sample_sizes: ClassVar[Mapping[str, int] | None] = None
+    """Items per split of :meth:`write_sample` when a study config may set them (``sizes=``); None: fixed sizes."""
 
     # --- reading -------------------------------------------------------------------------------------
 

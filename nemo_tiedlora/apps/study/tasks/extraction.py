@@ -9,10 +9,10 @@ ignored); ``field_accuracy`` gives the share of the four ``key=value`` fields th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from nemo_tiedlora.apps.study.tasks.base import Example, InputOutputTask
+from nemo_tiedlora.apps.study.tasks.base import Example, InputOutputTask, TaskError
 
 __all__ = ["ExtractionTask", "record_fields"]
 
@@ -49,9 +49,16 @@ class ExtractionTask(InputOutputTask):
         value = 100.0 * exact / count
         return {"metric": value, "exact_match": value, "field_accuracy": 100.0 * fields / (len(_FIELDS) * count)}
 
-    def write_sample(self, out_dir: Path, *, seed: int = 0) -> Path:
-        """The demo's three splits (1200 train / 32 validation / 48 test), deterministic in ``seed``."""
+    sample_sizes = {"train": 1200, "validation": 32, "test": 48}
+
+    def write_sample(self, out_dir: Path, *, seed: int = 0, sizes: Mapping[str, int] | None = None) -> Path:
+        """The demo's three splits (by default 1200 train / 32 validation / 48 test; ``sizes`` sets other counts),
+        deterministic in ``seed``; each split's items do not depend on the other splits' sizes."""
         from nemo_tiedlora.apps.demo.extraction_data import build
 
-        build(Path(out_dir), seed=seed + 7)  # seed 0 writes the demo's own data (its default seed is 7)
+        counts = {**self.sample_sizes, **(sizes or {})}
+        unknown = sorted(set(counts) - set(self.sample_sizes))
+        if unknown:
+            raise TaskError(f"{self.name}: unknown split(s) {unknown} in sample sizes; use train, validation, test")
+        build(Path(out_dir), seed=seed + 7, **counts)  # seed 0 writes the demo's own data (its default seed is 7)
         return Path(out_dir)
