@@ -259,3 +259,14 @@ def test_the_shipped_two_task_study_follows_the_protocol(name):
     assert cfg.early_stopping.enabled and cfg.early_stopping.monitor == "validation_loss"
     assert cfg.sample_sizes["test"] == 144
     assert cfg.output == Path("benchmarks/results/study_smollm2_tuned_cpu") / cfg.task
+
+
+def test_rows_record_paths_relative_to_the_current_folder_when_below_it(tmp_path, monkeypatch):
+    """A study kept in a repository (its output below the folder the sweep runs in) records paths that read the
+    same on every checkout; an output elsewhere keeps absolute paths."""
+    from nemo_tiedlora.apps.study.sweep_runs import _shown
+
+    monkeypatch.chdir(tmp_path)
+    assert _shown(tmp_path / "study" / "logs" / "a.log") == "study/logs/a.log"
+    outside = tmp_path.parent / "elsewhere" / "a.log"
+    assert _shown(outside) == str(outside)

@@ -268,7 +268,7 @@ def _execute(spec: RunSpec, ctx: SweepContext, record: dict[str, Any]) -> None:
     run_dir = exp_dir / spec.name
     claim_run_folder(run_dir)  # refuses a folder a live orphan writes into; else clears the stale attempt
     finetune_log, generate_log = logs / f"{spec.name}.finetune.log", logs / f"{spec.name}.generate.log"
-    record.update(finetune_log=str(finetune_log), generate_log=str(generate_log))
+    record.update(finetune_log=_shown(finetune_log), generate_log=_shown(generate_log))
     child = dict(echo=ctx.verbose, pid_file=run_dir / PID_FILE, marker=spec.name)
     run_logged(finetune_args(spec, ctx, exp_dir=exp_dir), log=finetune_log, title=f"fine-tune {spec.name}", **child)
     adapters = sorted(run_dir.rglob("checkpoints/*.nemo"), key=os.path.getmtime)
@@ -281,7 +281,7 @@ def _execute(spec: RunSpec, ctx: SweepContext, record: dict[str, Any]) -> None:
     stopped = _EARLY_STOP_MARK in finetune_log.read_text(errors="replace")
     if ctx.cfg.early_stopping.enabled and not stopped and steps is not None:
         stopped = steps < ctx.cfg.training.max_steps
-    record.update(adapter=str(adapter), steps_run=steps, early_stopped=stopped, best_val_loss=best)
+    record.update(adapter=_shown(adapter), steps_run=steps, early_stopped=stopped, best_val_loss=best)
 
     predictions = ctx.out / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
@@ -304,6 +304,15 @@ def _execute(spec: RunSpec, ctx: SweepContext, record: dict[str, Any]) -> None:
     examples = task.load(ctx.source, "test")
     scores = task.score(read_predictions(files[-1], examples), examples)
     record.update(metric=float(scores["metric"]), scores={k: v for k, v in scores.items() if k != "metric"})
+
+
+def _shown(path: Path) -> str:
+    """``path`` as a results row records it: relative to the current folder when below it (a study kept in a
+    repository reads the same on every checkout), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 _ERROR_LINE = re.compile(r"(?<![\w.])[\w.]*(Error|Exception|Interrupt): .*")  # "[rank0]: RuntimeError: ..."
