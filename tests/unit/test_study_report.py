@@ -1,4 +1,4 @@
-"""``python -m nemo_tiedlora report``: table numbers equal the inputs, % of best LoRA, both plots, bad input."""
+"""``python -m nemo_tiedlora report``: table numbers equal the inputs, % of best LoRA, the plots, bad input."""
 
 from __future__ import annotations
 
@@ -80,9 +80,9 @@ def test_table_cells_are_the_best_lr_metric_and_percent(report: dict[str, Path])
     assert "exact match (higher is better)" in table
 
 
-def test_both_plots_are_pngs(report: dict[str, Path]) -> None:
-    assert sorted(report) == ["metric_vs_params.png", "metric_vs_rank.png", "table.md"]
-    for name in ("metric_vs_rank.png", "metric_vs_params.png"):
+def test_the_three_plots_are_pngs(report: dict[str, Path]) -> None:
+    assert sorted(report) == ["metric_vs_lr.png", "metric_vs_params.png", "metric_vs_rank.png", "table.md"]
+    for name in ("metric_vs_rank.png", "metric_vs_params.png", "metric_vs_lr.png"):
         assert report[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         height, width, _ = imread(report[name]).shape
         assert width > 1000 and height > 500
@@ -118,7 +118,7 @@ def test_json_list_input_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[s
     args = parser.parse_args(["report", str(results), "--out", str(tmp_path / "out")])
     assert args.handler(args) == 0
     printed = capsys.readouterr().out.split()
-    names = ("table.md", "metric_vs_rank.png", "metric_vs_params.png")
+    names = ("table.md", "metric_vs_rank.png", "metric_vs_params.png", "metric_vs_lr.png")
     assert printed == [str(tmp_path / "out" / name) for name in names]
     assert "**83.00** (15%)" in (tmp_path / "out" / "table.md").read_text(encoding="utf-8")
     args = parser.parse_args(["report", str(tmp_path / "absent.csv")])
