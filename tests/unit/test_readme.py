@@ -389,8 +389,9 @@ def test_reference_table_is_the_yaml():
 # -------------------------------------------------------------------- the cheap commands, run as written
 
 
-def _run_as_written(command: Command, cwd: Path) -> subprocess.CompletedProcess:
-    tokens = _tokens(command)
+def _run_as_written(command: Command, cwd: Path, *, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The command's own tokens (a trailing ``# comment`` dropped), then ``extra``, run with the test's python."""
+    tokens = [*_tokens(command), *extra]
     assert tokens[0] == "python"
     return subprocess.run([sys.executable, *tokens[1:]], cwd=cwd, env=script_env(), capture_output=True, text=True,
                           timeout=600)
@@ -440,7 +441,7 @@ def test_inspect_runs_as_written(command, adapter_folder):
 
 @pytest.mark.parametrize("command", _cli_commands("sweep"), ids=lambda c: c.id)
 def test_sweep_config_as_written_is_valid(command):
-    done = _run_as_written(Command(command.text + " --dry-run", command.where), REPO)
+    done = _run_as_written(command, REPO, extra=("--dry-run",))  # after any comment's tokens are gone
     assert done.returncode == 0, done.stderr[-3000:]
     assert "run(s) of" in done.stdout
 
