@@ -53,6 +53,7 @@ from nemo_tiedlora.apps.study.plots import (
     metric_vs_rank_png,
 )
 from nemo_tiedlora.apps.study.report_rows import OK_STATUSES, REQUIRED_COLUMNS, ReportError, Run, read_results
+from nemo_tiedlora.apps.study.sweep_results import rate_edge
 from nemo_tiedlora.apps.study.tasks import TASKS
 from nemo_tiedlora.apps.study.tasks.base import atomic_write_bytes
 
@@ -178,9 +179,9 @@ def rate_edges(runs: Iterable[Run], best: Mapping[Key, Run]) -> dict[Key, str]:
             tried.setdefault((run.task, run.preset, run.rank), set()).add(run.lr)
     edges = {}
     for key, run in best.items():
-        rates = sorted(tried.get(key, ()))
-        if len(rates) >= 2 and run.lr in (rates[0], rates[-1]):
-            edges[key] = "lowest" if run.lr == rates[0] else "highest"
+        edge = rate_edge(tried.get(key, ()), run.lr)
+        if edge is not None:
+            edges[key] = edge
     return edges
 
 

@@ -143,6 +143,15 @@ def rank_follow_ups(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list
     return specs
 
 
+def rate_edge(tried: Iterable[float], lr: float) -> str | None:
+    """"lowest" or "highest" when ``lr`` is that edge of two or more ``tried`` rates; None when it is inside (or
+    fewer than two rates were tried). The sweep extends the grid there and the report flags it."""
+    rates = sorted(set(tried))
+    if len(rates) < 2 or rates[0] < lr < rates[-1]:
+        return None
+    return "lowest" if lr == rates[0] else "highest" if lr == rates[-1] else None
+
+
 def edge_extensions(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> tuple[list[RunSpec], list[str]]:
     """Rates to add where a (preset, rank)'s best rate is the highest or lowest it tried, and what stays at an edge.
 
@@ -159,14 +168,14 @@ def edge_extensions(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> tupl
             continue
         tried = sorted({float(row["lr"]) for row in runs})
         lr = best[(preset, rank)]
-        if len(tried) < 2 or tried[0] < lr < tried[-1]:
+        edge = rate_edge(tried, lr)
+        if edge is None:
             continue
-        high = lr == tried[-1]
+        high = edge == "highest"
         outer, inner = (tried[-1], tried[-2]) if high else (tried[0], tried[1])
         added = sum(rate not in cfg.rates(preset) for rate in tried)
         if added >= cfg.extend_edges:
-            side = "highest" if high else "lowest"
-            at_edge.append(f"{preset} r{rank}: best at lr {lr:g}, the {side} rate tried ({added} added beyond "
+            at_edge.append(f"{preset} r{rank}: best at lr {lr:g}, the {edge} rate tried ({added} added beyond "
                            f"the grid, extend_edges {cfg.extend_edges}); widen its lrs")
             continue
         extra.append(RunSpec(cfg.task, preset, rank, float(f"{outer * outer / inner:.3g}")))
