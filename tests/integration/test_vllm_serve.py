@@ -110,7 +110,7 @@ def served(smollm2_nemo, vllm_venv, tmp_path_factory):
 
 def _ask(served, model: str, *, prompts: int = 48, chats: bool = True) -> dict:
     """tests/vllm_client.py (the `openai` client, in the serving environment): greedy completions (and chats) for
-    the first `prompts` demo test prompts, one request at a time."""
+    the first `prompts` demo test prompts, 16 requests at a time."""
     from nemo_tiedlora.apps.demo.real import PROMPT_TEMPLATE, SYSTEM
 
     rows = served["rows"][:prompts]

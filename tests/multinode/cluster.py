@@ -290,12 +290,19 @@ class SlurmCluster(TwoNodes):
         return next(f.split("=", 1)[1] for f in fields if f.startswith("JobState="))
 
     def wait_job(self, job_id: str | int, timeout: float = 120.0) -> str:
-        """Wait until batch job `job_id` leaves the pending/running states and return its final JobState."""
+        """Wait until batch job `job_id` leaves the pending/running states and return its final JobState; a failed
+        query is asked again until `timeout`."""
         active = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING",
                   "STAGE_OUT"}
         deadline = time.monotonic() + timeout
         while True:
-            state = self.job_state(job_id)
+            try:
+                state = self.job_state(job_id)
+            except RuntimeError:  # a busy slurmctld can drop one query ("Unexpected missing socket error"): ask again
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+                continue
             if state not in active:
                 return state
             if time.monotonic() > deadline:

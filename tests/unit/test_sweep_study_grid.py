@@ -1,6 +1,6 @@
 """The study protocol's sweep features: a learning-rate grid per preset, rates added beyond the grid's edge while a
-preset's best rate is at the edge (and a failed study when the limit leaves it there), presets rerun at other ranks
-at their best rate with every seed, generated sample sizes, a fingerprint that survives a rebuilt named base, and the
+preset's best rate is at the edge (and a failed study when the limit leaves it there), presets at other ranks
+tuned around their best rate and rerun there with every seed, generated sample sizes, a fingerprint that survives a rebuilt named base, and the
 generated multi-step ``arithmetic`` task.
 
 The runner is a fake whose metric is a known function of the rate (the real one runs NeMo's entry scripts), so the
@@ -73,6 +73,9 @@ def test_each_preset_runs_its_own_rates(tmp_path):
         ({"best_lr_at_ranks": {"ranks": [32], "presets": ["tl6"]}}, r"best_lr_at_ranks.presets .*lora, vera"),
         ({"best_lr_at_ranks": {"ranks": [8], "presets": ["lora"]}}, r"best_lr_at_ranks.ranks \[8\]: already grid"),
         ({"best_lr_at_ranks": {"rank": [32]}}, r"best_lr_at_ranks .*give a mapping with ranks"),
+        ({"best_lr_at_ranks": {"ranks": [32], "presets": ["lora"], "steps": [0, 0]}},
+         r"best_lr_at_ranks.steps \[0, 0\]: a non-empty list of distinct integers"),
+        ({"best_lr_at_ranks": {"ranks": [32], "presets": ["lora"], "steps": [-0.5]}}, r"best_lr_at_ranks.steps"),
         ({"task": "gsm8k", "sample_sizes": {"test": 9}}, r"sample_sizes: task 'gsm8k' has a fixed generated sample"),
         ({"sample_sizes": {"dev": 9}}, r"sample_sizes .*a mapping of train, validation, test to item counts"),
         ({"sample_sizes": {"test": 0}}, r"sample_sizes .*item counts >= 1"),
@@ -168,6 +171,50 @@ def test_presets_rerun_at_other_ranks_at_their_best_rate_with_every_seed(tmp_pat
     assert again == []  # every stage resumes from results.json
 
 
+def test_other_ranks_try_steps_below_the_best_rate_extend_at_the_edge_then_rerun_the_best(tmp_path):
+    """lora peaks at 1e-2 at rank 8 and at 1e-4 at rank 32 (the metric falls by 10 per decade from the peak): rank 32
+    tries the rank-8 best and one grid step (x10) below it, goes down while its best is the lowest rate tried, and
+    reruns the rate where it peaks with every seed."""
+    cfg = parse_config(_config(tmp_path, presets=["lora"], lrs=[1e-3, 1e-2, 1e-1], extend_edges=2,
+                               rerun_best_seeds=[4321],
+                               best_lr_at_ranks={"ranks": [32], "presets": ["lora"], "steps": [-1, 0]}))
+    calls: list[RunSpec] = []
+
+    def run(spec: RunSpec, ctx: SweepContext) -> dict:
+        calls.append(spec)
+        peak = 1e-2 if spec.rank == 8 else 1e-4
+        return {"metric": 90.0 - 10.0 * abs(math.log10(spec.lr / peak)), "steps_run": 8, "early_stopped": False,
+                "best_val_loss": 1.0}
+
+    rows = run_sweep(cfg, runner=run, context=_context(cfg, tmp_path / "out"))
+    assert [(s.rank, s.lr, s.seed) for s in calls][3:] == [
+        (8, 1e-2, 4321),                       # the rank-8 best with the other seed
+        (32, 1e-3, None), (32, 1e-2, None),    # rank 32: one step below the rank-8 best, and that rate
+        (32, 1e-4, None), (32, 1e-5, None),    # 1e-3 was the lowest tried: down until the best is inside
+        (32, 1e-4, 4321)]                      # the rank-32 best with the other seed
+    assert edge_extensions(cfg, rows) == ([], [])
+    run_again_calls: list[RunSpec] = []
+    rerun, run_again_calls = _peaked({"lora": 1e-2})
+    run_sweep(cfg, runner=rerun, context=_context(cfg, tmp_path / "out"))
+    assert run_again_calls == []  # every stage resumes from results.json
+
+
+def test_rank_steps_run_out_of_extensions_and_name_the_edge(tmp_path):
+    """With extend_edges 1 the rank-32 best (peak 1e-5) stays at the lowest rate tried: the study names it."""
+    cfg = parse_config(_config(tmp_path, presets=["lora"], lrs=[1e-3, 1e-2, 1e-1], extend_edges=1,
+                               best_lr_at_ranks={"ranks": [32], "presets": ["lora"], "steps": [-1, 0]}))
+
+    def run(spec: RunSpec, ctx: SweepContext) -> dict:
+        peak = 1e-2 if spec.rank == 8 else 1e-5
+        return {"metric": 90.0 - 10.0 * abs(math.log10(spec.lr / peak)), "steps_run": 8, "early_stopped": False,
+                "best_val_loss": 1.0}
+
+    rows = run_sweep(cfg, runner=run, context=_context(cfg, tmp_path / "out"))
+    assert sorted(float(r["lr"]) for r in rows if r["rank"] == 32) == [1e-4, 1e-3, 1e-2]
+    assert edge_extensions(cfg, rows)[1] == [
+        "lora r32: best at lr 0.0001, the lowest rate tried (1 added beyond the grid, extend_edges 1); widen its lrs"]
+
+
 # ------------------------------------------------------------------------------------------ fingerprint
 
 
@@ -256,6 +303,7 @@ def test_the_shipped_two_task_study_follows_the_protocol(name):
     assert all(len(cfg.rates(preset)) >= 3 for preset in cfg.presets) and cfg.extend_edges >= 1
     assert len((cfg.training.seed, *cfg.rerun_best_seeds)) == 3
     assert cfg.best_lr_at_ranks.ranks == (32,) and set(cfg.best_lr_at_ranks.presets) == {"lora", "tl6"}
+    assert cfg.best_lr_at_ranks.steps == (-1, 0)  # rank 32 is tuned too: the rank-8 best and one step below
     assert cfg.early_stopping.enabled and cfg.early_stopping.monitor == "validation_loss"
     assert cfg.sample_sizes["test"] == 144
     assert cfg.output == Path("benchmarks/results/study_smollm2_tuned_cpu") / cfg.task

@@ -65,6 +65,7 @@ from nemo_tiedlora.apps.study.sweep_results import (
     is_rerun,
     format_summary,
     read_previous,
+    rank_follow_up_reruns,
     rank_follow_ups,
     rerun_count,
     reusable_rows,
@@ -128,7 +129,8 @@ def run_sweep(
 
     Stages, each after the one before: the grid; rates beyond its edge while a (preset, rank)'s best rate is at the
     edge (``extend_edges`` at most); the best rate of each (preset, rank) with every ``rerun_best_seeds`` seed; the
-    ``best_lr_at_ranks`` presets at their ranks. Runs recorded ok with the same fingerprint in the output folder's
+    ``best_lr_at_ranks`` presets at their ranks and rates, extended at the edge like the grid, then their best rate
+    with every ``rerun_best_seeds`` seed. Runs recorded ok with the same fingerprint in the output folder's
     ``results.json`` are skipped. After every run both results files are rewritten atomically. A run that raises is
     recorded as ``failed: <reason>`` and the sweep goes on; KeyboardInterrupt stops it with the finished runs on disk.
     """
@@ -164,16 +166,18 @@ def run_sweep(
         progress.update(len(kept))
         _run_all([spec for spec in specs if spec.key not in rows], runner, ctx, rows, progress, save)
 
-    try:
-        stage(grid)
-        while True:  # rates beyond the edge, one per (preset, rank) and round, until every best is inside
-            extra, _ = edge_extensions(cfg, list(rows.values()))
-            if not extra:
-                break
+    def extend() -> None:  # rates beyond the edge, one per (preset, rank) and round, until every best is inside
+        while extra := edge_extensions(cfg, list(rows.values()))[0]:
             progress.total += len(extra)
             stage(extra)
+
+    try:
+        stage(grid)
+        extend()
         stage(best_lr_reruns(cfg, list(rows.values())))
         stage(rank_follow_ups(cfg, list(rows.values())))
+        extend()
+        stage(rank_follow_up_reruns(cfg, list(rows.values())))
     finally:
         progress.close()
     save()
@@ -237,7 +241,8 @@ def _run_sweep_command(args: argparse.Namespace) -> int:
             print(f"then the best lr of each (preset, rank) again with seed(s) "
                   f"{', '.join(map(str, cfg.rerun_best_seeds)) or '(none)'}"
                   + (f", and {', '.join(follow.presets)} at rank(s) {', '.join(map(str, follow.ranks))} at that "
-                     "rate with every seed" if follow.ranks else "") + f": {rerun_count(cfg)} run(s)")
+                     f"rate moved by {', '.join(f'{step:+d}' for step in follow.steps)} grid step(s), the best of "
+                     "them with every seed" if follow.ranks else "") + f": {rerun_count(cfg)} run(s)")
         return 0
     try:
         rows = run_sweep(cfg, verbose=args.verbose)

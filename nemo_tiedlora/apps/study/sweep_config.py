@@ -64,11 +64,14 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class RankFollowUp:
-    """``best_lr_at_ranks``: these presets run again at these ranks, at the best rate each found on the grid (at the
-    grid rank nearest to the new one), with the grid's seed and every ``rerun_best_seeds`` seed."""
+    """``best_lr_at_ranks``: these presets run again at these ranks. With the grid's seed, at the best rate each found
+    on the grid (at the grid rank nearest to the new one) moved by each of ``steps`` steps of the preset's grid
+    spacing (0: that rate, -1: one step below), extended beyond the edge like the grid; then the best of those with
+    every ``rerun_best_seeds`` seed."""
 
     ranks: tuple[int, ...] = ()
     presets: tuple[str, ...] = ()
+    steps: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -331,9 +334,9 @@ def _study_extras(data: Mapping[str, Any], presets: list[Any], task: Any,
     raw = data.get("best_lr_at_ranks")
     if raw is not None:
         names = {p.lower() for p in presets if isinstance(p, str)}
-        if not isinstance(raw, Mapping) or set(raw) - {"ranks", "presets"}:
-            problems.append(f"best_lr_at_ranks {raw!r}: give a mapping with ranks (e.g. [32]) and presets "
-                            "(e.g. [lora, tl6])")
+        if not isinstance(raw, Mapping) or set(raw) - {"ranks", "presets", "steps"}:
+            problems.append(f"best_lr_at_ranks {raw!r}: give a mapping with ranks (e.g. [32]), presets "
+                            "(e.g. [lora, tl6]) and optionally steps (e.g. [-1, 0])")
         else:
             ranks = _as_list(raw.get("ranks")) or []
             chosen = [str(p).lower() for p in _as_list(raw.get("presets")) or []]
@@ -344,7 +347,12 @@ def _study_extras(data: Mapping[str, Any], presets: list[Any], task: Any,
             if not chosen or set(chosen) - names:
                 problems.append(f"best_lr_at_ranks.presets {raw.get('presets')!r}: a non-empty list of the study's "
                                 f"presets ({', '.join(sorted(names))})")
-            follow_up = RankFollowUp(ranks=tuple(ranks), presets=tuple(chosen))
+            steps = _as_list(raw.get("steps", [0])) or []
+            if not steps or not all(_is_int(step) for step in steps) or len(set(steps)) != len(steps):
+                problems.append(f"best_lr_at_ranks.steps {raw.get('steps')!r}: a non-empty list of distinct integers, "
+                                "steps of the preset's grid spacing from its best rate (0: that rate, -1: one below)")
+                steps = [0]
+            follow_up = RankFollowUp(ranks=tuple(ranks), presets=tuple(chosen), steps=tuple(sorted(steps)))
     sizes = data.get("sample_sizes")
     if sizes is None:
         return extend, follow_up, None

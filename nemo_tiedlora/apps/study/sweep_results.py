@@ -79,11 +79,11 @@ def expand_grid(cfg: SweepConfig) -> list[RunSpec]:
 
 
 def rerun_count(cfg: SweepConfig) -> int:
-    """How many runs follow the grid: ``rerun_best_seeds`` (one per preset, rank and seed) and ``best_lr_at_ranks``
-    (one per preset, rank and seed, the grid's seed included)."""
+    """How many runs follow the grid (edge extensions aside): ``rerun_best_seeds`` (one per preset, rank and seed)
+    and ``best_lr_at_ranks`` (one per preset, rank and step, and one per preset, rank and rerun seed)."""
     follow = cfg.best_lr_at_ranks
     return len(cfg.presets) * len(cfg.ranks) * len(cfg.rerun_best_seeds) \
-        + len(follow.presets) * len(follow.ranks) * (1 + len(cfg.rerun_best_seeds))
+        + len(follow.presets) * len(follow.ranks) * (len(follow.steps) + len(cfg.rerun_best_seeds))
 
 
 def is_rerun(row: Mapping[str, Any]) -> bool:
@@ -92,12 +92,15 @@ def is_rerun(row: Mapping[str, Any]) -> bool:
 
 
 def grid_runs(cfg: SweepConfig, rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], list[Mapping[str, Any]]]:
-    """(preset, rank) -> its rows on the grid's seed at a grid rank (grid rates and edge extensions, ok or not)."""
+    """(preset, rank) -> its rows on the grid's seed (grid rates and edge extensions, ok or not), at a grid rank or
+    at a ``best_lr_at_ranks`` rank for its presets."""
+    follow = cfg.best_lr_at_ranks
     runs: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for row in rows:
         key = _row_key(row)
-        if key is not None and key[0] == cfg.task and key[1] in cfg.presets and key[2] in cfg.ranks \
-                and key[4] is None:
+        if key is None or key[0] != cfg.task or key[4] is not None:
+            continue
+        if (key[1] in cfg.presets and key[2] in cfg.ranks) or (key[1] in follow.presets and key[2] in follow.ranks):
             runs.setdefault((key[1], key[2]), []).append(row)
     return runs
 
@@ -129,18 +132,41 @@ def best_lr_reruns(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[
             for seed in cfg.rerun_best_seeds]
 
 
-def rank_follow_ups(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
-    """``best_lr_at_ranks``: each of its presets at each of its ranks, at the best rate the preset found at the grid
-    rank nearest to that rank (ties: the lower), with the grid's seed and every ``rerun_best_seeds`` seed."""
-    best = best_rates(cfg, rows)
-    specs = []
-    for preset in cfg.best_lr_at_ranks.presets:
-        for rank in cfg.best_lr_at_ranks.ranks:
+def grid_step(cfg: SweepConfig, preset: str) -> float:
+    """The spacing of ``preset``'s grid: the ratio of its two lowest rates (4 with one rate)."""
+    rates = sorted(cfg.rates(preset))
+    return rates[1] / rates[0] if len(rates) > 1 else 4.0
+
+
+def _follow_up_rates(cfg: SweepConfig, best: Mapping[tuple[str, int], float]) -> dict[tuple[str, int], list[float]]:
+    """(preset, follow-up rank) -> its ``best_lr_at_ranks`` rates: the best rate at the nearest grid rank (ties: the
+    lower) moved by each step of the preset's grid spacing, rounded to 3 significant digits."""
+    follow = cfg.best_lr_at_ranks
+    rates = {}
+    for preset in follow.presets:
+        for rank in follow.ranks:
             nearest = min(cfg.ranks, key=lambda grid_rank: (abs(grid_rank - rank), grid_rank))
             if (preset, nearest) in best:
-                specs += [RunSpec(cfg.task, preset, rank, best[(preset, nearest)], seed)
-                          for seed in (None, *cfg.rerun_best_seeds)]
-    return specs
+                rates[(preset, rank)] = [float(f"{best[(preset, nearest)] * grid_step(cfg, preset) ** step:.3g}")
+                                         for step in follow.steps]
+    return rates
+
+
+def rank_follow_ups(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
+    """``best_lr_at_ranks``, first part: each of its presets at each of its ranks with the grid's seed, at each of
+    its rates (:func:`_follow_up_rates`). Edge extensions and :func:`rank_follow_up_reruns` follow."""
+    return [RunSpec(cfg.task, preset, rank, lr)
+            for (preset, rank), rates in _follow_up_rates(cfg, best_rates(cfg, rows)).items() for lr in rates]
+
+
+def rank_follow_up_reruns(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
+    """``best_lr_at_ranks``, last part: the best rate each of its presets found at each of its ranks (on the grid's
+    seed, as :func:`best_rates`) with every ``rerun_best_seeds`` seed."""
+    best = best_rates(cfg, rows)
+    follow = cfg.best_lr_at_ranks
+    return [RunSpec(cfg.task, preset, rank, best[(preset, rank)], seed)
+            for preset in follow.presets for rank in follow.ranks if (preset, rank) in best
+            for seed in cfg.rerun_best_seeds]
 
 
 def rate_edge(tried: Iterable[float], lr: float) -> str | None:
@@ -157,10 +183,11 @@ def edge_extensions(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> tupl
 
     The next rate continues the grid's spacing beyond that edge (the ratio of the two outermost rates tried on that
     side, x4 or /4 with one rate), rounded to 3 significant digits. A (preset, rank) that has already added
-    ``cfg.extend_edges`` rates is not extended; it is named in the second list instead ("best at the edge"), which
+    ``cfg.extend_edges`` rates (beyond the grid's rates, or beyond its ``best_lr_at_ranks`` rates) is not extended; it is named in the second list instead ("best at the edge"), which
     a finished study must leave empty. Only the grid's seed counts; a failed run bounds the range like any other.
     """
     best = best_rates(cfg, rows)
+    follow_up = _follow_up_rates(cfg, best)
     extra: list[RunSpec] = []
     at_edge: list[str] = []
     for (preset, rank), runs in grid_runs(cfg, rows).items():
@@ -173,7 +200,7 @@ def edge_extensions(cfg: SweepConfig, rows: Sequence[Mapping[str, Any]]) -> tupl
             continue
         high = edge == "highest"
         outer, inner = (tried[-1], tried[-2]) if high else (tried[0], tried[1])
-        added = sum(rate not in cfg.rates(preset) for rate in tried)
+        added = sum(rate not in follow_up.get((preset, rank), cfg.rates(preset)) for rate in tried)
         if added >= cfg.extend_edges:
             at_edge.append(f"{preset} r{rank}: best at lr {lr:g}, the {edge} rate tried ({added} added beyond "
                            f"the grid, extend_edges {cfg.extend_edges}); widen its lrs")
