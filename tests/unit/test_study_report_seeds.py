@@ -150,9 +150,13 @@ def test_headline_within_and_not_within(table: str) -> None:
                   "each; best at the edge of the rates tried: tl6 (2e-3, the lowest rate).**")
     exactly_two = ("- **extraction, rank 32: tl6 is within 2 points of LoRA: 97.00 ± 1.0 against 99.00 ± 1.0 (gap "
                    "2.00 points), with 10.2% of its trainable parameters (150,000 against 1,474,560), 3 seeds each.**")
+    over_ranks = ("- **extraction, best of each over ranks 8, 32: tl6 (rank 32) is within 2 points of LoRA (rank 32): "
+                  "97.00 ± 1.0 against 99.00 ± 1.0 (gap 2.00 points), with 10.2% of its trainable parameters (150,000 "
+                  "against 1,474,560), 3 seeds each.**")
     lines = table.splitlines()
-    # tasks in the registry's order (extraction before arithmetic), ranks ascending; all before the task tables
-    assert [line for line in lines if line.startswith("- **")] == [not_within, exactly_two, within]
+    # tasks in the registry's order (extraction before arithmetic), ranks ascending, then the best over ranks; all
+    # before the task tables
+    assert [line for line in lines if line.startswith("- **")] == [not_within, exactly_two, over_ranks, within]
     assert lines.index(within) < lines.index(next(line for line in lines if line.startswith("## extraction")))
 
 
@@ -166,6 +170,22 @@ def test_headline_with_tl6_ahead_and_unequal_seeds(tmp_path: Path) -> None:
     assert sentence == ("**arithmetic, rank 8: tl6 is within 2 points of LoRA: 46.00 ± 1.4 against 40.00 (tl6 ahead "
                         "by 6.00 points), with 11.2% of its trainable parameters (41,328 against 368,640), 2 seeds "
                         "for tl6 and 1 seed for LoRA.**")  # stdev(45, 47) = sqrt(2) = 1.41
+
+
+def test_headline_over_ranks_pairs_each_presets_best_mean_whatever_its_rank(tmp_path: Path) -> None:
+    """LoRA is best at rank 8 (90 against 80 at rank 32), TL6 at rank 32 (89 against 70 at rank 8): the sentence
+    over ranks compares TL6 at 32 with LoRA at 8, and TL6's parameters with LoRA's at rank 8."""
+    runs = read_results(_write(tmp_path / "r.csv", (
+        ("extraction", "lora", 8, 1e-3, 1234, "false", 90.0, LORA8, "ok", 0.5),
+        ("extraction", "lora", 32, 1e-3, 1234, "false", 80.0, LORA32, "ok", 0.5),
+        ("extraction", "tl6", 8, 1e-3, 1234, "false", 70.0, TL6_8, "ok", 0.5),
+        ("extraction", "tl6", 32, 1e-3, 1234, "false", 89.0, TL6_32, "ok", 0.5),
+    )))
+    sentences = headlines(best_runs(runs))
+    assert len(sentences) == 3
+    assert sentences[2] == ("**extraction, best of each over ranks 8, 32: tl6 (rank 32) is within 2 points of LoRA "
+                            "(rank 8): 89.00 against 90.00 (gap 1.00 points), with 40.7% of its trainable parameters "
+                            "(150,000 against 368,640), 1 seed each.**")  # 150000 / 368640 = 40.69%
 
 
 def test_rate_edges_flag_only_the_lowest_or_highest_of_two_or_more_rates(runs: list[report_module.Run]) -> None:

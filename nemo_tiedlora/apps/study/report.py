@@ -9,7 +9,7 @@ are reported together, their rows concatenated. It writes into ``DIR``:
   - a headline per task and rank where both LoRA and TL6 were run: whether TL6's mean comes within
     :data:`WITHIN_POINTS` points of LoRA's, both means with their standard deviation over seeds, the gap, TL6's
     trainable parameters as % of LoRA's at that rank and the number of seeds, and which best rate is at the edge of
-    the rates tried;
+    the rates tried; with two or more ranks, the same for TL6's best mean over ranks against LoRA's;
   - per task, one row per preset (LoRA first) and one column per rank; a cell is the preset's best metric over
     learning rates at that rank and its trainable parameters as % of the task's best LoRA run (``88.10 (12.5%)``);
     the best cell of each rank is bold. When the sweep reran the best learning rate of a (preset, rank) with more
@@ -239,29 +239,42 @@ def headlines(best: Mapping[Key, Run], edges: Mapping[Key, str] | None = None) -
     """One bold sentence per task and rank where both LoRA and TL6 have a cell: whether TL6's mean over seeds comes
     within :data:`WITHIN_POINTS` points of LoRA's (a gap of exactly that counts as within), both means with their
     standard deviations, the gap, TL6's trainable parameters as % of LoRA's, the seeds, and which of the two best
-    rates is at the edge of the rates tried (``edges``, see :func:`rate_edges`)."""
+    rates is at the edge of the rates tried (``edges``, see :func:`rate_edges`). Where both have cells at two or
+    more ranks, one more sentence compares TL6's best mean over its ranks with LoRA's best."""
     edges = edges or {}
     sentences = []
     for task, presets in _by_task(best).items():
         loras, tl6s = presets.get(_LORA, {}), presets.get(_TL6, {})
-        for rank in sorted(set(loras) & set(tl6s)):
-            lora, tl6 = loras[rank], tl6s[rank]
-            ours, theirs = spread(tl6), spread(lora)
-            gap = theirs.mean - ours.mean if _higher_is_better(task) else ours.mean - theirs.mean
-            verdict = "is within" if gap <= WITHIN_POINTS else "is not within"
-            gap_text = f"gap {gap:.2f} points" if gap >= 0 else f"tl6 ahead by {-gap:.2f} points"
-            share = _percent(100.0 * tl6.trainable_params / lora.trainable_params if lora.trainable_params else None)
-            seeds = f"{_seeds(ours.seeds)} each" if ours.seeds == theirs.seeds \
-                else f"{_seeds(ours.seeds)} for tl6 and {_seeds(theirs.seeds)} for LoRA"
-            text = (f"{task}, rank {rank}: tl6 {verdict} {WITHIN_POINTS:g} points of LoRA: {_mean_std(ours, 1)} "
-                    f"against {_mean_std(theirs, 1)} ({gap_text}), with {share} of its trainable parameters "
-                    f"({tl6.trainable_params:,} against {lora.trainable_params:,}), {seeds}")
-            at_edge = [f"{name} ({_lr(run.lr)}, the {edges[task, run.preset, rank]} rate)"
-                       for name, run in (("tl6", tl6), ("LoRA", lora)) if (task, run.preset, rank) in edges]
-            if at_edge:
-                text += f"; {_EDGE_NOTE}: " + ", ".join(at_edge)
-            sentences.append(f"**{text}.**")
+        shared = sorted(set(loras) & set(tl6s))
+        for rank in shared:
+            sentences.append(_headline(task, f"rank {rank}", tl6s[rank], loras[rank], edges))
+        if len(shared) >= 2:
+            sign = 1.0 if _higher_is_better(task) else -1.0
+            tl6 = max((tl6s[r] for r in shared), key=lambda run: sign * spread(run).mean)
+            lora = max((loras[r] for r in shared), key=lambda run: sign * spread(run).mean)
+            sentences.append(_headline(task, f"best of each over ranks {', '.join(map(str, shared))}", tl6, lora,
+                                       edges, ranks=True))
     return sentences
+
+
+def _headline(task: str, label: str, tl6: Run, lora: Run, edges: Mapping[Key, str], ranks: bool = False) -> str:
+    """The bold sentence of :func:`headlines` for one pair of cells (with each one's rank when ``ranks``)."""
+    ours, theirs = spread(tl6), spread(lora)
+    gap = theirs.mean - ours.mean if _higher_is_better(task) else ours.mean - theirs.mean
+    verdict = "is within" if gap <= WITHIN_POINTS else "is not within"
+    gap_text = f"gap {gap:.2f} points" if gap >= 0 else f"tl6 ahead by {-gap:.2f} points"
+    share = _percent(100.0 * tl6.trainable_params / lora.trainable_params if lora.trainable_params else None)
+    seeds = f"{_seeds(ours.seeds)} each" if ours.seeds == theirs.seeds \
+        else f"{_seeds(ours.seeds)} for tl6 and {_seeds(theirs.seeds)} for LoRA"
+    names = (f"tl6 (rank {tl6.rank})", f"LoRA (rank {lora.rank})") if ranks else ("tl6", "LoRA")
+    text = (f"{task}, {label}: {names[0]} {verdict} {WITHIN_POINTS:g} points of {names[1]}: {_mean_std(ours, 1)} "
+            f"against {_mean_std(theirs, 1)} ({gap_text}), with {share} of its trainable parameters "
+            f"({tl6.trainable_params:,} against {lora.trainable_params:,}), {seeds}")
+    at_edge = [f"{name} ({_lr(run.lr)}, the {edges[task, run.preset, run.rank]} rate)"
+               for name, run in (("tl6", tl6), ("LoRA", lora)) if (task, run.preset, run.rank) in edges]
+    if at_edge:
+        text += f"; {_EDGE_NOTE}: " + ", ".join(at_edge)
+    return f"**{text}.**"
 
 
 def _cell(run: Run, winner: Run) -> str:
