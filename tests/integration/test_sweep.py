@@ -86,23 +86,25 @@ def test_sweep_runs_stops_early_and_reports(tiny, tmp_path, capsys):
     assert (out / "results.csv").read_text() == before
 
 
+def _two_step_study(tmp_path: Path, base: Path, fields: str, *, max_seq_length: int) -> tuple[Path, Path]:
+    """A study config (``fields`` plus tl6 at rank 2, 2 steps, the task's sample, no early stopping) and its output."""
+    out, config = tmp_path / "sweep", tmp_path / "study.yaml"
+    config.write_text(
+        f"{fields}data: sample\nbase: {base}\noutput: {out}\npresets: [tl6]\nranks: [2]\n"
+        "training: {max_steps: 2, val_check_interval: 2, global_batch_size: 4, micro_batch_size: 4, "
+        f"max_seq_length: {max_seq_length}}}\n"
+        "early_stopping: {enabled: false}\n"
+        "generation: {tokens_to_generate: 4, batch_size: 8}\n"
+    )
+    return config, out
+
+
 def test_hellaswag_sweep_is_scored_by_log_likelihood(tiny, tmp_path):
     """Multiple choice goes through the log-likelihood scorer: the row carries raw and per-character accuracy over
     every test item, and the metric is the per-character one."""
     from nemo_tiedlora.apps.study.tasks import TASKS
 
-    base, _, _ = tiny
-    out = tmp_path / "sweep"
-    config = tmp_path / "study.yaml"
-    config.write_text(
-        "task: hellaswag\ndata: sample\n"
-        f"base: {base}\noutput: {out}\n"
-        "presets: [tl6]\nranks: [2]\nlrs: [1.0e-2]\n"
-        "training: {max_steps: 2, val_check_interval: 2, global_batch_size: 4, micro_batch_size: 4, "
-        "max_seq_length: 128}\n"
-        "early_stopping: {enabled: false}\n"
-        "generation: {tokens_to_generate: 4, batch_size: 8}\n"
-    )
+    config, out = _two_step_study(tmp_path, tiny[0], "task: hellaswag\nlrs: [1.0e-2]\n", max_seq_length=128)
     assert cli_main(["sweep", "--config", str(config)]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in rows] == ["ok"]
@@ -110,3 +112,27 @@ def test_hellaswag_sweep_is_scored_by_log_likelihood(tiny, tmp_path):
     assert rows[0]["metric"] == pytest.approx(scores["accuracy_norm"])
     sample = TASKS["hellaswag"].write_sample(tmp_path / "same-sample")  # the sample is generated deterministically
     assert scores["count"] == len(TASKS["hellaswag"].load(sample, "test")) > 0
+
+
+def test_base_evaluation_answers_as_an_adapter_that_has_not_moved(tiny, tmp_path):
+    """``evaluate_base: true`` scores the base model alone. Reference: tl6 trained at lr 1e-30 starts with B = 0 and
+    moves by ~1e-30, below float32's resolution of the base's activations, so it must answer every test prompt
+    exactly as the base model does and get the same metric; ``report`` prints that metric under the task."""
+    config, out = _two_step_study(tmp_path, tiny[0], "task: squad\nlrs: [1.0e-30]\nevaluate_base: true\n",
+                                  max_seq_length=160)
+    assert cli_main(["sweep", "--config", str(config)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "base.json").read_text())
+    assert row["status"] == "ok" and record["task"] == "squad"
+
+    def preds(pattern: str) -> list[str]:
+        (path,) = (out / "predictions").glob(pattern)
+        return [json.loads(line)["pred"] for line in path.read_text().splitlines()]
+
+    base_preds, tuned_preds = preds("squad_base_*.jsonl"), preds(f"{row['run']}_*.jsonl")
+    assert len(base_preds) > 0 and base_preds == tuned_preds
+    assert record["metric"] == pytest.approx(row["metric"])
+
+    report = tmp_path / "report"
+    assert cli_main(["report", str(out / "results.csv"), "--out", str(report)]) == 0
+    assert f"The base model without an adapter: {record['metric']:.2f}." in (report / "table.md").read_text()

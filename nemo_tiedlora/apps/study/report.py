@@ -15,7 +15,8 @@ are reported together, their rows concatenated. It writes into ``DIR``:
     the best cell of each rank is bold. When the sweep reran the best learning rate of a (preset, rank) with more
     seeds (rows with ``seed_rerun`` true), the learning rate is still chosen on the grid's seed alone, and the cell
     is the mean over the seeds at that rate with the sample standard deviation (``90.62 ± 4.42 (11.2%)``). A
-    second table gives the learning rate of each cell, and a list gives each seed's metric;
+    second table gives the learning rate of each cell, and a list gives each seed's metric; the base model's
+    metric without an adapter follows the first table when a ``base.json`` lies beside the results file;
   - per task and rank, a table of the presets' chosen rate, number of seeds, mean, standard deviation, min and
     max over seeds, trainable parameters and their % of the best LoRA run at that same rank. A rate is "best at
     the edge of the rates tried" when it is the lowest or highest of the two or more rates that (preset, rank)
@@ -52,7 +53,8 @@ from nemo_tiedlora.apps.study.plots import (
     metric_vs_params_png,
     metric_vs_rank_png,
 )
-from nemo_tiedlora.apps.study.report_rows import OK_STATUSES, REQUIRED_COLUMNS, ReportError, Run, read_results
+from nemo_tiedlora.apps.study.report_rows import (OK_STATUSES, REQUIRED_COLUMNS, ReportError, Run,
+                                                  read_base_metrics, read_results)
 from nemo_tiedlora.apps.study.sweep_results import rate_edge
 from nemo_tiedlora.apps.study.tasks import TASKS
 from nemo_tiedlora.apps.study.tasks.base import atomic_write_bytes
@@ -304,9 +306,9 @@ def _spread_table(task: str, rank: int, cells: Mapping[str, Run], edges: Mapping
 
 
 def _task_tables(task: str, presets: Mapping[str, Mapping[int, Run]], metric_name: str,
-                 edges: Mapping[Key, str]) -> list[str]:
-    """Markdown lines of one task: the metric table, the learning-rate table, the seeds of each averaged cell and
-    one spread table per rank."""
+                 edges: Mapping[Key, str], base: float | None = None) -> list[str]:
+    """Markdown lines of one task: the metric table, the base model's metric (when measured), the learning-rate
+    table, the seeds of each averaged cell and one spread table per rank."""
     ranks = sorted({rank for runs in presets.values() for rank in runs})
     direction = "higher" if _higher_is_better(task) else "lower"
     header = "| preset | " + " | ".join(f"r={rank}" for rank in ranks) + " |"
@@ -316,6 +318,8 @@ def _task_tables(task: str, presets: Mapping[str, Mapping[int, Run]], metric_nam
     for preset, runs in presets.items():
         cells = [_cell(runs[rank], winners[rank]) if rank in runs else "–" for rank in ranks]
         lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+    if base is not None:
+        lines += ["", f"The base model without an adapter: {base:.2f}."]
     lines += ["", "Learning rate of each cell:", "", header, rule]
     for preset, runs in presets.items():
         cells = [_lr(runs[rank].lr) if rank in runs else "–" for rank in ranks]
@@ -333,10 +337,11 @@ def _task_tables(task: str, presets: Mapping[str, Mapping[int, Run]], metric_nam
 
 
 def format_table(best: Mapping[Key, Run], *, excluded: Sequence[Run] = (), metric_names: Mapping[str, str],
-                 edges: Mapping[Key, str] | None = None) -> str:
+                 edges: Mapping[Key, str] | None = None, base_metrics: Mapping[str, float] | None = None) -> str:
     """The markdown report: the headlines (:func:`headlines`), then per task a metric table (mean ± std over seeds
     and parameter %), a learning-rate table, the seeds of each cell and a spread table per rank; then the runs
-    left out. ``edges`` (see :func:`rate_edges`) marks the rates at the edge of those tried."""
+    left out. ``edges`` (see :func:`rate_edges`) marks the rates at the edge of those tried; ``base_metrics`` (task ->
+    the base model's metric without an adapter) adds a line per task."""
     edges = edges or {}
     lines = ["# Tied-LoRA study", ""]
     lines.append("Cells: best metric over learning rates (trainable parameters as % of the task's best LoRA run);")
@@ -347,7 +352,7 @@ def format_table(best: Mapping[Key, Run], *, excluded: Sequence[Run] = (), metri
         lines += ["", f"## Headline: does TL6 come within {WITHIN_POINTS:g} points of LoRA?", ""]
         lines += [f"- {sentence}" for sentence in sentences]
     for task, presets in _by_task(best).items():
-        lines += _task_tables(task, presets, metric_names[task], edges)
+        lines += _task_tables(task, presets, metric_names[task], edges, (base_metrics or {}).get(task))
     if excluded:
         lines += ["", f"## Runs left out ({len(excluded)}, status not in {', '.join(sorted(OK_STATUSES))})", ""]
         lines += [f"- {r.task} {r.preset} r={r.rank} lr={_lr(r.lr)}: {r.status or '(no status)'}" for r in excluded]
@@ -439,7 +444,8 @@ def build_report(results: Path | Sequence[Path], out_dir: Path) -> dict[str, Pat
     metric_names = {task: _metric_name(task, runs) for task, _, _ in best}
     edges = rate_edges(runs, best)
     panels = _panels(best, metric_names=metric_names)
-    table = format_table(best, excluded=[r for r in runs if not r.ok], metric_names=metric_names, edges=edges)
+    table = format_table(best, excluded=[r for r in runs if not r.ok], metric_names=metric_names, edges=edges,
+                         base_metrics=read_base_metrics(paths))
     out_dir = Path(out_dir)
     outputs = {
         "table.md": table.encode(),

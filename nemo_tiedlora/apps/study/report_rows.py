@@ -8,12 +8,12 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OK_STATUSES", "REQUIRED_COLUMNS", "ReportError", "Run", "read_results"]
+__all__ = ["OK_STATUSES", "REQUIRED_COLUMNS", "ReportError", "Run", "read_base_metrics", "read_results"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("task", "preset", "rank", "lr", "metric", "trainable_params", "status")
 OK_STATUSES: frozenset[str] = frozenset({"ok", "done", "completed", "success", "succeeded", "finished"})
@@ -145,3 +145,24 @@ def _run(row: Mapping[str, Any]) -> tuple[Run, list[str]]:
 
 # --------------------------------------------------------------------------------------------------
 # Selecting
+
+
+def read_base_metrics(results: Sequence[Path]) -> dict[str, float]:
+    """task -> the base model's metric without an adapter, from the ``base.json`` the sweep writes beside each
+    results file (``evaluate_base``); results without one add nothing.
+
+    Raises:
+        ReportError: a ``base.json`` that is not a JSON object with a ``task`` and a numeric ``metric``.
+    """
+    metrics: dict[str, float] = {}
+    for path in results:
+        base = Path(path).parent / "base.json"
+        if not base.exists():
+            continue
+        try:
+            record = json.loads(base.read_text(encoding="utf-8"))
+            metrics[str(record["task"])] = float(record["metric"])
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ReportError(f"{base}: not a base-model result ({type(error).__name__}: {error}); delete it and run "
+                              "the sweep again to re-measure the base model") from error
+    return metrics

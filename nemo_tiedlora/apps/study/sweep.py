@@ -20,7 +20,9 @@ run * 100; empty without a finished LoRA run), status (``ok`` or ``failed: <reas
 best_val_loss, adapter, seconds and the run's log files. Both files are rewritten atomically after every run, so an
 interrupted sweep keeps what finished; running the same config again skips the runs already recorded ``ok`` (with
 the same training, data and base: see ``fingerprint``) and re-runs the others. ``python -m nemo_tiedlora report
-results.csv`` turns the file into the paper-style table and plots.
+results.csv`` turns the file into the paper-style table and plots. With ``evaluate_base: true`` the base model
+alone (no adapter) answers the test split once by step 2's command and is scored by step 3; the result goes to
+``base.json`` beside the results (reused while the fingerprint holds), and the report prints it per task.
 
 Multiple choice (HellaSwag) is scored as in the paper, by the log-likelihood of each ending: step 2 is then
 ``python -m nemo_tiedlora.apps.study.loglik`` (the model loaded as the generate script loads it, every ending's summed
@@ -38,10 +40,15 @@ and holds the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from nemo_tiedlora.core.fileio import atomic_write_bytes
 
 from nemo_tiedlora.apps.study.sweep_config import (
     EMBEDDED,
@@ -78,6 +85,8 @@ from nemo_tiedlora.apps.study.sweep_runs import (
     SweepContext,
     _base_row,
     _failure,
+    _reason,
+    execute_base,
     execute_run,
     finetune_args,
     generate_args,
@@ -88,6 +97,7 @@ from nemo_tiedlora.apps.study.sweep_runs import (
 )
 
 __all__ = [
+    "BASE_FILE",
     "COLUMNS",
     "EMBEDDED",
     "SAMPLE",
@@ -101,6 +111,8 @@ __all__ = [
     "TrainingSettings",
     "add_percent_of_best_lora",
     "add_sweep_parser",
+    "base_result",
+    "execute_base",
     "execute_run",
     "expand_grid",
     "finetune_args",
@@ -116,12 +128,15 @@ __all__ = [
 ]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+BASE_FILE = "base.json"  # the base model's score without an adapter (evaluate_base), beside the results files
+BaseRunner = Callable[[SweepContext], Mapping[str, Any]]
 
 
 def run_sweep(
     cfg: SweepConfig,
     *,
     runner: Runner = execute_run,
+    base_runner: BaseRunner = execute_base,
     context: SweepContext | None = None,
     verbose: bool = False,
 ) -> list[dict[str, Any]]:
@@ -133,6 +148,7 @@ def run_sweep(
     with every ``rerun_best_seeds`` seed. Runs recorded ok with the same fingerprint in the output folder's
     ``results.json`` are skipped. After every run both results files are rewritten atomically. A run that raises is
     recorded as ``failed: <reason>`` and the sweep goes on; KeyboardInterrupt stops it with the finished runs on disk.
+    With ``evaluate_base``, first the base model alone (:func:`base_result`).
     """
     from tqdm import tqdm
 
@@ -157,6 +173,7 @@ def run_sweep(
     def save() -> None:
         write_results(ctx.out, add_percent_of_best_lora(ordered()))
 
+    base = base_result(ctx, base_runner) if cfg.evaluate_base else None
     progress = tqdm(total=len(grid) + rerun_count(cfg), desc=f"sweep {cfg.task}", unit="run", file=sys.stderr,
                     dynamic_ncols=True)
 
@@ -183,10 +200,35 @@ def run_sweep(
     save()
     final = add_percent_of_best_lora(ordered())
     print(format_summary(final), flush=True)
+    if base is not None:
+        print(f"base model without an adapter: {base['metric_name']} {float(base['metric']):.2f}", flush=True)
     for line in edge_extensions(cfg, final)[1]:
         print(f"best at the edge: {line}", flush=True)
     print(f"results: {ctx.out / 'results.csv'} and {ctx.out / 'results.json'}", flush=True)
     return final
+
+
+def base_result(ctx: SweepContext, runner: BaseRunner = execute_base) -> dict[str, Any] | None:
+    """The base model's score on the test split without an adapter: ``base.json`` in the output folder when it holds
+    this study's fingerprint, else measured by ``runner`` now and written there atomically. A failure is printed and
+    not recorded (the next sweep tries again); the runs go on."""
+    path = ctx.out / BASE_FILE
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(previous, dict) and previous.get("fingerprint") == ctx.fingerprint \
+                and previous.get("metric") is not None:
+            return previous
+    print(f"base model without an adapter: answering the test split of {ctx.cfg.task}", flush=True)
+    started = time.time()
+    try:
+        record = dict(runner(ctx))
+    except Exception as error:  # the study does not need it; its absence is visible in the report
+        print(f"base model without an adapter: failed: {_reason(error)}", file=sys.stderr, flush=True)
+        return None
+    record = {"task": ctx.cfg.task, **record, "seconds": round(time.time() - started, 1),
+              "fingerprint": ctx.fingerprint}
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+    return record
 
 
 def _run_all(specs: list[RunSpec], runner: Runner, ctx: SweepContext, rows: dict[tuple, dict[str, Any]],
@@ -243,6 +285,8 @@ def _run_sweep_command(args: argparse.Namespace) -> int:
                   + (f", and {', '.join(follow.presets)} at rank(s) {', '.join(map(str, follow.ranks))} at that "
                      f"rate moved by {', '.join(f'{step:+d}' for step in follow.steps)} grid step(s), the best of "
                      "them with every seed" if follow.ranks else "") + f": {rerun_count(cfg)} run(s)")
+        if cfg.evaluate_base:
+            print(f"and first the base model without an adapter on the test split, once (into {BASE_FILE})")
         return 0
     try:
         rows = run_sweep(cfg, verbose=args.verbose)

@@ -95,6 +95,7 @@ class SweepConfig:
     extend_edges: int = 0  # rates a (preset, rank) may add beyond the grid's edge while its best rate is at the edge
     best_lr_at_ranks: RankFollowUp = field(default_factory=RankFollowUp)
     sample_sizes: Mapping[str, int] | None = None  # items per split of a generated sample (data: sample)
+    evaluate_base: bool = False  # score the base model alone on the test split once (base.json beside the results)
 
     def rates(self, preset: str) -> tuple[float, ...]:
         """The grid's learning rates of ``preset`` (its own list when ``lrs`` is a mapping)."""
@@ -113,6 +114,7 @@ class SweepConfig:
 _TOP_KEYS = {
     "task", "data", "base", "output", "presets", "ranks", "lrs", "training", "early_stopping", "generation",
     "overrides", "prompt_template", "rerun_best_seeds", "extend_edges", "best_lr_at_ranks", "sample_sizes",
+    "evaluate_base",
 }
 _SECTIONS: dict[str, type] = {
     "training": TrainingSettings,
@@ -215,6 +217,10 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
         _check_generation(generation, problems)
 
     overrides, template, seeds = _extras(data, training, problems)
+    evaluate_base = data.get("evaluate_base", False)
+    if not isinstance(evaluate_base, bool):
+        problems.append(f"evaluate_base {evaluate_base!r}: true (score the base model without an adapter on the "
+                        "test split once, into base.json) or false")
 
     if problems:
         raise SweepConfigError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
@@ -236,6 +242,7 @@ def parse_config(data: Mapping[str, Any], *, where: str = "study config") -> Swe
         extend_edges=extend_edges,
         best_lr_at_ranks=follow_up,
         sample_sizes=sample_sizes,
+        evaluate_base=evaluate_base,
     )
 
 

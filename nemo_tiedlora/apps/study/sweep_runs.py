@@ -140,15 +140,16 @@ def template_overrides(ctx: SweepContext, *splits: str) -> list[str]:
     return [] if template is None else [f"model.data.{split}.prompt_template='{template}'" for split in splits]
 
 
-def generate_args(ctx: SweepContext, *, adapter: Path, prefix: Path) -> list[str]:
-    """The hydra command line of ``megatron_gpt_generate.py`` on the test split with ``adapter``."""
+def generate_args(ctx: SweepContext, *, adapter: Path | None, prefix: Path) -> list[str]:
+    """The hydra command line of ``megatron_gpt_generate.py`` on the test split with ``adapter`` (None: the base
+    model alone)."""
     g = ctx.cfg.generation
     length = g.max_seq_length or ctx.cfg.training.max_seq_length
     return [
         sys.executable,
         str(entry_script("megatron_gpt_generate.py")),
         f"model.restore_from_path={ctx.base}",
-        f"model.peft.restore_from_path={adapter}",
+        f"model.peft.restore_from_path={adapter if adapter is not None else 'null'}",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         f"model.data.test_ds.file_names=[{ctx.sft['test']}]",
@@ -163,13 +164,14 @@ def generate_args(ctx: SweepContext, *, adapter: Path, prefix: Path) -> list[str
     ]
 
 
-def loglik_args(ctx: SweepContext, *, adapter: Path, out: Path) -> list[str]:
-    """The command line of the log-likelihood scorer (multiple choice) on the test split with ``adapter``."""
+def loglik_args(ctx: SweepContext, *, adapter: Path | None, out: Path) -> list[str]:
+    """The command line of the log-likelihood scorer (multiple choice) on the test split with ``adapter`` (None: the
+    base model alone)."""
     g = ctx.cfg.generation
     return [
         sys.executable, "-m", "nemo_tiedlora.apps.study.loglik",
         "--base", str(ctx.base),
-        "--adapter", str(adapter),
+        *(["--adapter", str(adapter)] if adapter is not None else []),
         "--task", ctx.cfg.task,
         "--data", str(ctx.source),
         "--split", "test",
@@ -259,9 +261,6 @@ def execute_run(spec: RunSpec, ctx: SweepContext) -> dict[str, Any]:
 
 
 def _execute(spec: RunSpec, ctx: SweepContext, record: dict[str, Any]) -> None:
-    from nemo_tiedlora.apps.study.tasks import TASKS
-
-    task = TASKS[spec.task]
     logs = ctx.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     exp_dir = ctx.out / "runs"
@@ -282,23 +281,44 @@ def _execute(spec: RunSpec, ctx: SweepContext, record: dict[str, Any]) -> None:
     if ctx.cfg.early_stopping.enabled and not stopped and steps is not None:
         stopped = steps < ctx.cfg.training.max_steps
     record.update(adapter=_shown(adapter), steps_run=steps, early_stopped=stopped, best_val_loss=best)
+    _score(ctx, adapter=adapter, name=spec.name, log=generate_log, child=child, record=record)
 
+
+def execute_base(ctx: SweepContext) -> dict[str, Any]:
+    """Generate (or score by log-likelihood) and score the test split with the base model alone, no adapter, by the
+    same command as every run; the fields of ``base.json`` (metric, metric_name, scores, generate_log)."""
+    from nemo_tiedlora.apps.study.tasks import TASKS
+
+    logs = ctx.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    name = f"{ctx.cfg.task}_base"
+    record: dict[str, Any] = {"metric_name": TASKS[ctx.cfg.task].metric_name,
+                              "generate_log": _shown(logs / f"{name}.generate.log")}
+    _score(ctx, adapter=None, name=name, log=logs / f"{name}.generate.log", child=dict(echo=ctx.verbose),
+           record=record)
+    return record
+
+
+def _score(ctx: SweepContext, *, adapter: Path | None, name: str, log: Path, child: Mapping[str, Any],
+           record: dict[str, Any]) -> None:
+    """Answer the test split with the base (+ ``adapter``) and put ``metric`` and ``scores`` into ``record``."""
+    from nemo_tiedlora.apps.study.tasks import TASKS
+
+    task = TASKS[ctx.cfg.task]
     predictions = ctx.out / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
     if hasattr(task, "score_loglik"):  # multiple choice: the paper ranks the endings by log-likelihood
-        scores_file = predictions / f"{spec.name}.loglik.json"
+        scores_file = predictions / f"{name}.loglik.json"
         scores_file.unlink(missing_ok=True)
-        run_logged(loglik_args(ctx, adapter=adapter, out=scores_file), log=generate_log, title=f"score {spec.name}",
-                   **child)
+        run_logged(loglik_args(ctx, adapter=adapter, out=scores_file), log=log, title=f"score {name}", **child)
         scores = json.loads(scores_file.read_text())
         record.update(metric=float(scores["metric"]), scores={k: v for k, v in scores.items() if k != "metric"})
         return
-    prefix = predictions / spec.name
-    for stale in predictions.glob(f"{spec.name}_*.jsonl"):
+    prefix = predictions / name
+    for stale in predictions.glob(f"{name}_*.jsonl"):
         stale.unlink()
-    run_logged(generate_args(ctx, adapter=adapter, prefix=prefix), log=generate_log, title=f"generate {spec.name}",
-               **child)
-    files = sorted(predictions.glob(f"{spec.name}_*.jsonl"), key=os.path.getmtime)
+    run_logged(generate_args(ctx, adapter=adapter, prefix=prefix), log=log, title=f"generate {name}", **child)
+    files = sorted(predictions.glob(f"{name}_*.jsonl"), key=os.path.getmtime)
     if not files:
         raise RuntimeError(f"generation wrote no predictions file {prefix}_*.jsonl")
     examples = task.load(ctx.source, "test")
