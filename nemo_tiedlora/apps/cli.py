@@ -75,8 +75,8 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps (default {defaults.steps}; 60 for --base smollm2)")
     parser.add_argument("--lr", type=float, default=None,
-                        help=f"learning rate (default {defaults.lr}; for --base smollm2 the preset's best rate in the tuned "
-                             "study: 1.8e-2 for lora, tl5, tl6, 0.16 for vera)")
+                        help=f"learning rate (default {defaults.lr}; for --base smollm2 the preset's best rate in the "
+                             "tuned study, the README's \"Learning rates per preset\")")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"seed of the adapter's initialization and the training-data order "
                              f"(default {defaults.seed})")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nemo_tiedlora.apps.study.sweep_results import BASE_FILE
+
 __all__ = ["OK_STATUSES", "REQUIRED_COLUMNS", "ReportError", "Run", "read_base_metrics", "read_results"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("task", "preset", "rank", "lr", "metric", "trainable_params", "status")
@@ -143,10 +145,6 @@ def _run(row: Mapping[str, Any]) -> tuple[Run, list[str]]:
     return run, problems
 
 
-# --------------------------------------------------------------------------------------------------
-# Selecting
-
-
 def read_base_metrics(results: Sequence[Path]) -> dict[str, float]:
     """task -> the base model's metric without an adapter, from the ``base.json`` the sweep writes beside each
     results file (``evaluate_base``); results without one add nothing.
@@ -156,7 +154,7 @@ def read_base_metrics(results: Sequence[Path]) -> dict[str, float]:
     """
     metrics: dict[str, float] = {}
     for path in results:
-        base = Path(path).parent / "base.json"
+        base = Path(path).parent / BASE_FILE
         if not base.exists():
             continue
         try:
@@ -166,3 +164,7 @@ def read_base_metrics(results: Sequence[Path]) -> dict[str, float]:
             raise ReportError(f"{base}: not a base-model result ({type(error).__name__}: {error}); delete it and run "
                               "the sweep again to re-measure the base model") from error
     return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Selecting

@@ -63,6 +63,7 @@ from nemo_tiedlora.apps.study.sweep_config import (
 )
 from nemo_tiedlora.apps.study.sweep_results import (
     _OK,
+    BASE_FILE,
     COLUMNS,
     RunSpec,
     add_percent_of_best_lora,
@@ -128,7 +129,6 @@ __all__ = [
 ]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
-BASE_FILE = "base.json"  # the base model's score without an adapter (evaluate_base), beside the results files
 BaseRunner = Callable[[SweepContext], Mapping[str, Any]]
 
 

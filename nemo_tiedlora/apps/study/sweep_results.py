@@ -43,6 +43,7 @@ COLUMNS: tuple[str, ...] = (
     "fingerprint",
 )
 """Columns of ``results.csv`` (and keys of every object in ``results.json``), in order."""
+BASE_FILE = "base.json"  # the base model's score without an adapter (evaluate_base), beside the results files
 
 _LORA = "lora"
 _OK = "ok"

@@ -292,10 +292,9 @@ def execute_base(ctx: SweepContext) -> dict[str, Any]:
     logs = ctx.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     name = f"{ctx.cfg.task}_base"
-    record: dict[str, Any] = {"metric_name": TASKS[ctx.cfg.task].metric_name,
-                              "generate_log": _shown(logs / f"{name}.generate.log")}
-    _score(ctx, adapter=None, name=name, log=logs / f"{name}.generate.log", child=dict(echo=ctx.verbose),
-           record=record)
+    log = logs / f"{name}.generate.log"
+    record: dict[str, Any] = {"metric_name": TASKS[ctx.cfg.task].metric_name, "generate_log": _shown(log)}
+    _score(ctx, adapter=None, name=name, log=log, child=dict(echo=ctx.verbose), record=record)
     return record
 
 
